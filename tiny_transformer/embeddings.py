@@ -17,6 +17,12 @@ import torch
 from torch import nn
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces the model (a data-dependent check would break the graph)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 class TokenEmbedding(nn.Embedding):
     """A lookup table from token id to a `d_model`-dimensional vector (a trainable matrix)."""
 
@@ -26,7 +32,7 @@ class TokenEmbedding(nn.Embedding):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         # A bad id on the GPU is a cryptic device-side assert; on the CPU we can afford a clear check.
         # (On CUDA the check would force a synchronisation every step, so it is skipped there.)
-        if idx.device.type == "cpu" and idx.numel() and (
+        if idx.device.type == "cpu" and idx.numel() and not _compiling() and (
             int(idx.min()) < 0 or int(idx.max()) >= self.num_embeddings
         ):
             raise ValueError(
