@@ -104,3 +104,12 @@ def tokenizer_from_dict(d: dict):
 
         return SentencePieceTokenizer.from_dict(d)
     raise ValueError(f"unknown tokenizer type {kind!r} (expected 'char' or 'sentencepiece')")
+
+
+# SentencePiece lives in its own module (it needs the optional `sentencepiece` package, imported
+# only when used); re-exported here so every tokenizer can be imported from one place.
+from tiny_transformer.sentencepiece_tools import (  # noqa: E402, F401
+    SentencePieceTokenizer,
+    export_tokenizer_bin,
+    train_sentencepiece,
+)
