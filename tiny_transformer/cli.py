@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "export a checkpoint (llama2.c model.bin, tokenizer.bin, production .pt)"),
     "presets": ("presets", "list the model presets with their parameter counts"),
     "bench": ("bench", "benchmarks: training quality, sampling speed, native inference speed"),
+    "serve": ("serve", "serve a checkpoint over HTTP (JSON in, JSON out; concurrent requests batched)"),
 }
 
 
