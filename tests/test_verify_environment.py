@@ -170,3 +170,47 @@ def test_constants_match_the_download_module():
     assert verify.SHAKESPEARE_BYTES == download.SHAKESPEARE_BYTES
     assert verify.SHAKESPEARE_SHA256 == download.SHAKESPEARE_SHA256
     assert verify.SHAKESPEARE_FILENAME == download.SHAKESPEARE_FILENAME
+
+
+def test_device_descriptions_for_cuda_mps_and_a_broken_driver():
+    """The GPU branches, with stand-in torch objects (this machine may have no GPU)."""
+    from types import SimpleNamespace as NS
+
+    def fake_torch(cuda=False, mps=False, count=1, fail=False):
+        def name(i):
+            if fail:
+                raise RuntimeError("CUDA driver version is insufficient")
+            return "Tesla T4"
+
+        return NS(
+            cuda=NS(is_available=lambda: cuda, device_count=lambda: count,
+                    get_device_name=name, get_device_capability=lambda i: (7, 5)),
+            backends=NS(mps=NS(is_available=lambda: mps)),
+        )
+
+    check = verify.check_device(fake_torch(cuda=True))
+    assert (check.status, check.detail) == ("ok", "CUDA: Tesla T4 (compute capability 7.5)")
+    assert verify.check_device(fake_torch(cuda=True, count=2)).detail.endswith(", 2 GPUs")
+    assert verify.check_device(fake_torch(mps=True)).detail == "Apple GPU (MPS)"
+    assert verify.check_device(fake_torch()).detail.startswith("CPU (no CUDA or MPS GPU found)")
+    broken = verify.check_device(fake_torch(cuda=True, fail=True))
+    assert broken.status == "warn" and "driver version is insufficient" in broken.detail
+    assert verify.check_device(None).status == "warn"
+
+
+def test_torch_build_and_version_bound(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    def with_torch(version, cuda=None, hip=None):
+        fake = NS(__version__=version, version=NS(cuda=cuda, hip=hip))
+        monkeypatch.setattr(verify, "import_module", lambda name: fake)
+
+    with_torch("2.5.1+cu121", cuda="12.1")
+    check, _ = verify.check_torch("2.2")
+    assert (check.status, check.detail) == ("ok", "2.5.1+cu121, CUDA 12.1 build")
+    with_torch("2.4.0+rocm6.1", hip="6.1.40091")
+    assert verify.check_torch("2.2")[0].detail == "2.4.0+rocm6.1, ROCm 6.1.40091 build"
+    with_torch("1.13.1")
+    check, _ = verify.check_torch("2.2")
+    assert check.status == "fail" and "older than 2.2" in check.detail
+    assert 'pip install "torch>=2.2"' in check.fix
