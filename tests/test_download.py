@@ -35,12 +35,17 @@ from tiny_transformer.download import (
 from tiny_transformer.utils import data_dir, repo_root
 
 REPO = repo_root()
-SHARED_SHAKESPEARE = REPO.parent / "shared" / "data" / "tiny_shakespeare.txt"
+# The real file: ../shared/data next to the repository, or wherever TINY_SHAKESPEARE_SOURCE points.
+SHARED_SHAKESPEARE = next(
+    (p for p in (Path(os.environ.get("TINY_SHAKESPEARE_SOURCE", "")),
+                 REPO.parent / "shared" / "data" / "tiny_shakespeare.txt") if p.is_file()),
+    REPO.parent / "shared" / "data" / "tiny_shakespeare.txt",
+)
 SCRIPT = REPO / "data" / "download_shakespeare.sh"
 FAKE = b"First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
 
 needs_shared = pytest.mark.skipif(
-    not SHARED_SHAKESPEARE.is_file(), reason="../shared/data/tiny_shakespeare.txt is not available"
+    not SHARED_SHAKESPEARE.is_file(), reason="no local Tiny Shakespeare (../shared/data or $TINY_SHAKESPEARE_SOURCE)"
 )
 
 

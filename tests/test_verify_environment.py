@@ -20,7 +20,11 @@ from tiny_transformer import download
 from tiny_transformer.utils import repo_root
 
 SCRIPT = repo_root() / "setup" / "verify_environment.py"
-SHARED_SHAKESPEARE = repo_root().parent / "shared" / "data" / "tiny_shakespeare.txt"
+SHARED_SHAKESPEARE = next(
+    (p for p in (Path(os.environ.get("TINY_SHAKESPEARE_SOURCE", "")),
+                 repo_root().parent / "shared" / "data" / "tiny_shakespeare.txt") if p.is_file()),
+    repo_root().parent / "shared" / "data" / "tiny_shakespeare.txt",
+)
 
 
 def load_script():
