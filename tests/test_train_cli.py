@@ -1,0 +1,184 @@
+"""`python -m tiny_transformer train / evaluate / bench train` end to end, on tiny models."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tiny_transformer import bench_train
+from tiny_transformer.checkpoint import load_checkpoint
+from tiny_transformer.cli import main
+from tiny_transformer.commands.train import parse_duration
+from tiny_transformer.training import read_log
+from tiny_transformer.utils import repo_root
+
+SHAKESPEARE = repo_root() / "data" / "tiny_shakespeare.txt"
+TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
+        "--set", "model.d_ff=64", "--set", "model.max_seq_len=32", "--set", "training.batch_size=4",
+        "--set", "training.eval_batches=2", "--set", "training.sample_tokens=20", "--no-progress"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(("ROMEO:\nBut, soft! what light through yonder window breaks?\n"
+                     "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n") * 40, encoding="utf-8")
+    return path
+
+
+def dirs(tmp_path):
+    return ["--log-dir", str(tmp_path / "logs"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+
+
+def test_train_evaluate_resume(corpus, tmp_path, capsys):
+    args = ["train", "--config", "tiny", "--data", str(corpus), "--max-steps", "6", "--eval-interval", "3",
+            "--experiment-name", "quick_test", *dirs(tmp_path), *TINY]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "device: cpu" in out
+    assert "CharTokenizer (vocabulary" in out and "parameters" in out
+    assert "step      3: train loss" in out and "val loss" in out
+    assert "--- sample at step 3 ---\nROMEO:" in out
+    best = tmp_path / "ckpt" / "quick_test" / "best.pt"
+    assert f'python -m tiny_transformer generate --checkpoint {best} --prompt "ROMEO:"' in out
+    ckpt = load_checkpoint(tmp_path / "ckpt" / "quick_test" / "checkpoint_6.pt")
+    assert ckpt["config"]["model"]["vocab_size"] == len(set(corpus.read_text(encoding="utf-8")))
+    assert ckpt["config"]["data"]["path"] == str(corpus)
+    records = read_log(tmp_path / "logs" / "quick_test" / "train.log")
+    assert [r["step"] for r in records if r.get("val_loss") is not None and not r.get("event")] == [3, 6]
+
+    assert main(["evaluate", "--experiment-name", "quick_test", "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint_3.pt" in out and "checkpoint_6.pt" in out and "best.pt" in out
+    assert "perplexity" in out and "bits/char" in out
+
+    assert main(["evaluate", "--checkpoint", str(best)]) == 0
+    out = capsys.readouterr().out
+    assert "val loss" in out and "± " in out and "bits per character" in out
+
+    # Starting again under the same name is refused: the old run would be mixed into the new one.
+    assert main(args) == 1
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+    assert args[5:7] == ["--max-steps", "6"]
+    assert main([*args[:6], "9", *args[7:], "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 6" in out
+    assert load_checkpoint(tmp_path / "ckpt" / "quick_test" / "checkpoint_9.pt")["step"] == 9
+    steps = [r["step"] for r in read_log(tmp_path / "logs" / "quick_test" / "train.log")
+             if r.get("val_loss") and not r.get("event")]
+    assert steps == [3, 6, 9]
+
+    assert main([*args, "--overwrite", "--max-steps", "3"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "quick_test").iterdir()) == ["best.pt", "checkpoint_3.pt"]
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="data/tiny_shakespeare.txt not downloaded")
+def test_train_shortcut_on_tiny_shakespeare(tmp_path, capsys, monkeypatch):
+    """`train shakespeare`: the preset name is enough (data and experiment name default)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "shakespeare", "--max-steps", "2", "--eval-interval", "2", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_shakespeare.txt — 1,115,394 characters" in out
+    assert "(vocabulary 65)" in out
+    assert (tmp_path / "checkpoints" / "shakespeare" / "best.pt").exists()
+    assert (tmp_path / "logs" / "shakespeare" / "train.log").exists()
+
+
+def test_missing_dataset_points_to_the_download_command(tmp_path, capsys):
+    rc = main(["train", "--config", "tiny", "--data", str(tmp_path / "nope.txt"), *dirs(tmp_path), *TINY])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "dataset not found" in err and "download_shakespeare.sh" in err and "tiny_transformer download" in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--config", "nonexistent"], "unknown preset 'nonexistent'"),
+        (["--set", "training.batch_size=0"], "training.batch_size = 0 is invalid"),
+        (["--set", "training.lr=-3"], "training.lr = -3 is invalid"),
+        (["--set", "training.schedule=linear"], "choose one of cosine, stable_cooldown, constant"),
+        (["--set", "training.seq_len=64"], "longer than the model's context"),
+        (["--set", "training.warmup_steps=50", "--max-steps", "5"], "warmup_steps = 50 is larger"),
+        (["--set", "training.bacth_size=3"], "did you mean 'batch_size'"),
+        (["--set", "lr=3"], "SECTION.KEY=VALUE|model.NAME or training.NAME"),
+        (["--max-time", "soon"], "not a duration"),
+        (["--resume"], "no checkpoint in"),
+    ],
+)
+def test_bad_command_lines_are_explained(corpus, tmp_path, capsys, extra, message):
+    args = ["train", "--data", str(corpus), *dirs(tmp_path), *TINY, *extra]
+    if "--config" not in extra:
+        args += ["--config", "tiny"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert any(m in err for m in message.split("|")), err
+
+
+def test_parse_duration():
+    assert parse_duration("90") == 90 and parse_duration("90s") == 90
+    assert parse_duration("10m") == 600 and parse_duration("1.5h") == 5400
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("-5")
+
+
+def test_max_time_on_the_command_line(corpus, tmp_path, capsys):
+    rc = main(["train", "--config", "tiny", "--data", str(corpus), "--max-steps", "100000", "--max-time", "1s",
+               "--experiment-name", "budget", *dirs(tmp_path), *TINY, "--set", "training.sample_interval=0"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "(max_time)" in out
+
+
+def test_entry_point_in_a_subprocess(corpus, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(repo_root())}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tiny_transformer", "train", "--config", "tiny", "--data", str(corpus),
+         "--max-steps", "2", "--eval-interval", "2", "--experiment-name", "sub", *dirs(tmp_path), *TINY],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "generate text with:" in proc.stdout
+
+
+def _bench_args(**kw):
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    args = parser.parse_args([])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_bench_train_quality_runs_both_recipes(corpus, capsys):
+    args = _bench_args(recipe="both", budget=0.5, data=str(corpus),
+                       set=["model.d_model=32", "model.n_layers=1", "model.max_seq_len=32", "model.d_ff=64",
+                            "training.batch_size=4", "training.warmup_steps=1"])
+    assert bench_train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "ours" in out and "± " in out
+
+
+def test_bench_train_throughput(capsys):
+    args = _bench_args(throughput=True, presets="tiny", seconds=0.1)
+    assert bench_train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "FLOPs/token = 6*N + 12*L*T*d" in out
+    row = next(line for line in out.splitlines() if line.startswith("tiny"))
+    assert float(row.split()[-1]) > 0  # GFLOP/s
+
+
+def test_flops_formula():
+    from tiny_transformer.config import build_model
+
+    model = build_model("tiny", vocab_size=65)
+    cfg = model.config
+    n = model.num_parameters() - model.pos_embedding.weight.numel()  # tied head counted once
+    assert bench_train.flops_per_token(model, 128) == 6 * n + 12 * cfg.n_layers * 128 * cfg.d_model

@@ -1,0 +1,226 @@
+"""Training benchmarks: `python -m tiny_transformer bench train`.
+
+Quality (the default): train a character-level model on Tiny Shakespeare for a fixed wall-clock
+budget (150 s on 2 CPU threads) and report the validation loss on the 90/10 split, with a standard
+error, measured over every non-overlapping window of the validation text. Two recipes:
+
+* `reference`: the widely used minimal-GPT CPU recipe (4 layers, 4 heads, d_model 128, context 64,
+  batch 12, AdamW 1e-3 with cosine decay over 2000 iterations, no dropout);
+* `ours`: the recipe of the `cpu_fast` preset (see `tiny_transformer/configs/cpu_fast.json`).
+
+`--recipe both` measures them back to back on the same machine. `--ablation` trains a list of
+variants of `ours` (each with one change undone) with a shorter budget and prints a table.
+
+Throughput (`--throughput`): tokens/s and achieved FLOP/s of training steps for the `tiny` and
+`shakespeare` presets, with FLOPs per token = 6·N + 12·L·T·d, where N counts every weight that takes
+part in a matrix multiplication (all parameters except the position table; a tied embedding counts
+once, as the output head), L is the number of layers, T the context and d the model width (the
+second term is attention's QKᵀ and AV products, forward and backward, as in the PaLM paper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from tiny_transformer.config import build_model, load_preset
+from tiny_transformer.data import load_text, train_val_split
+from tiny_transformer.tokenizers import CharTokenizer
+from tiny_transformer.training import Trainer, TrainerConfig, apply_overrides, evaluate_loss
+from tiny_transformer.utils import data_dir
+
+REFERENCE_RECIPE = {
+    "model_type": "gpt",
+    "description": "minimal-GPT CPU recipe: 4 layers, 4 heads, 128 wide, context 64, batch 12, 2000 iterations",
+    "model": {
+        "d_model": 128, "n_heads": 4, "n_layers": 4, "d_ff": 512, "max_seq_len": 64, "dropout": 0.0,
+        "tie_weights": True, "pos_encoding": "learned", "activation": "gelu", "norm": "layernorm", "bias": False,
+    },
+    "training": {
+        "batch_size": 12, "max_steps": 2000, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100,
+        "schedule": "cosine", "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99, "grad_clip": 1.0,
+    },
+}
+
+# Each ablation undoes one ingredient of `ours` (applied as --set style overrides).
+ABLATIONS: list[tuple[str, list[str]]] = [
+    ("ours (cpu_fast)", []),
+]
+
+
+def recipe(name: str) -> dict:
+    """The config dict ({"model_type", "model", "training"}) of a named recipe."""
+    if name == "reference":
+        return copy.deepcopy(REFERENCE_RECIPE)
+    if name == "ours":
+        return load_preset("cpu_fast")
+    return load_preset(name)
+
+
+def _load_shakespeare(path: str | None):
+    path = Path(path) if path else data_dir() / "tiny_shakespeare.txt"
+    text = load_text(path)
+    tokenizer = CharTokenizer().fit(text)
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    train_ids, val_ids = train_val_split(ids, 0.1)
+    return tokenizer, train_ids, val_ids
+
+
+def run_quality(cfg: dict, budget: float, tokenizer, train_ids, val_ids, seed: int = 1337, label: str = "",
+                verbose: bool = False) -> dict:
+    """Train `cfg` for `budget` seconds and evaluate on the whole validation split."""
+    cfg = copy.deepcopy(cfg)
+    cfg["model"]["vocab_size"] = tokenizer.vocab_size
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    training = dict(cfg.get("training") or {})
+    training.update(max_time=budget, seed=seed, device="cpu", experiment_name="bench", save_checkpoints=False,
+                    progress=False, verbose=verbose, log_dir=str(_scratch() / "logs"),
+                    checkpoint_dir=str(_scratch() / "checkpoints"))
+    training.setdefault("eval_interval", 10**9)  # no evaluations inside the budget
+    tc = TrainerConfig.from_dict(training)
+    if tc.eval_interval > tc.max_steps:
+        tc.eval_interval = tc.max_steps
+    trainer = Trainer(model, tc, train_ids, None, tokenizer=tokenizer)
+    summary = trainer.train()
+    seq_len = trainer.seq_len
+    result = evaluate_loss(model, val_ids, seq_len, batch_size=64)
+    return {
+        "label": label,
+        "params": model.num_parameters(),
+        "steps": summary["steps"],
+        "tokens": trainer.tokens_seen,
+        "train_seconds": summary["elapsed"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "val_loss": result["loss"],
+        "stderr": result["stderr"],
+        "windows": result["windows"],
+        "seq_len": seq_len,
+    }
+
+
+def _scratch() -> Path:
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / "tiny_transformer_bench"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(f"{'recipe':<34} {'params':>8} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'val loss':>16}")
+    for r in rows:
+        print(f"{r['label']:<34} {r['params'] / 1e6:>7.2f}M {r['steps']:>6} {r['tokens'] / 1e6:>8.2f}M "
+              f"{r['tokens_per_s']:>7,.0f} {r['val_loss']:>8.4f} ± {r['stderr']:.4f}")
+
+
+def matmul_params(model) -> int:
+    """Parameters used in matrix multiplications: everything but the learned position table."""
+    n = model.num_parameters()
+    pos = getattr(model, "pos_embedding", None)
+    if isinstance(pos, torch.nn.Embedding):
+        n -= pos.weight.numel()
+    if model.output.weight is not model.tok_embeddings.weight:
+        n -= model.tok_embeddings.weight.numel()  # an untied input table is a lookup, not a matmul
+    return n
+
+
+def flops_per_token(model, seq_len: int) -> int:
+    """Training FLOPs per token: 6·N + 12·L·T·d (see the module docstring)."""
+    cfg = model.config
+    d = getattr(cfg, "d_model", None) or cfg.dim
+    return 6 * matmul_params(model) + 12 * cfg.n_layers * seq_len * d
+
+
+def run_throughput(preset: str, vocab_size: int, seconds: float, batch_size: int | None = None) -> dict:
+    """Time training steps of a preset on random tokens; returns tokens/s and FLOP/s."""
+    cfg = load_preset(preset)
+    cfg["model"]["vocab_size"] = vocab_size
+    cfg["model"]["dropout"] = 0.0
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    training = TrainerConfig.from_dict(dict(cfg.get("training") or {}))
+    bs = batch_size or training.batch_size
+    seq_len = training.seq_len or model.max_seq_len
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, vocab_size, (bs, seq_len))
+    y = torch.randint(0, vocab_size, (bs, seq_len))
+
+    def step():
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):  # warm-up: allocator and kernel selection
+        step()
+    steps, t0 = 0, time.perf_counter()
+    while steps < 3 or time.perf_counter() - t0 < seconds:
+        step()
+        steps += 1
+    dt = (time.perf_counter() - t0) / steps
+    tok_s = bs * seq_len / dt
+    fpt = flops_per_token(model, seq_len)
+    return {"preset": preset, "params": model.num_parameters(), "batch": bs, "seq_len": seq_len,
+            "ms_per_step": dt * 1000, "tokens_per_s": tok_s, "flops_per_token": fpt, "flops_per_s": fpt * tok_s}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default="ours", help="ours (default), reference, both, or a preset name")
+    parser.add_argument("--budget", type=float, default=150.0, help="training seconds per run (default 150)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--data", default=None, help="text file (default data/tiny_shakespeare.txt)")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set training.lr=3e-3 (repeatable)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="train each ablation of `ours` for --budget seconds and print a table")
+    parser.add_argument("--throughput", action="store_true",
+                        help="tokens/s and FLOP/s of training steps for the tiny and shakespeare presets")
+    parser.add_argument("--presets", default="tiny,shakespeare", help="presets for --throughput")
+    parser.add_argument("--seconds", type=float, default=20.0, help="timing seconds per preset for --throughput")
+    parser.add_argument("--verbose", action="store_true", help="print the trainer's progress")
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    if args.throughput:
+        print("FLOPs/token = 6*N + 12*L*T*d (N: weights in matmuls, L layers, T context, d width)")
+        print(f"{'preset':<12} {'params':>8} {'batch':>5} {'T':>4} {'ms/step':>8} {'tokens/s':>9} "
+              f"{'MFLOP/token':>11} {'GFLOP/s':>8}")
+        for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
+            r = run_throughput(preset, 65, args.seconds)
+            print(f"{preset:<12} {r['params'] / 1e6:>7.2f}M {r['batch']:>5} {r['seq_len']:>4} "
+                  f"{r['ms_per_step']:>8.1f} {r['tokens_per_s']:>9,.0f} {r['flops_per_token'] / 1e6:>11.2f} "
+                  f"{r['flops_per_s'] / 1e9:>8.2f}")
+        return 0
+
+    tokenizer, train_ids, val_ids = _load_shakespeare(args.data)
+    print(f"data: {len(train_ids):,} train / {len(val_ids):,} validation characters, vocabulary {tokenizer.vocab_size}")
+    if args.ablation:
+        runs = [(label, apply_overrides(recipe("ours"), sets + args.set)) for label, sets in ABLATIONS]
+    else:
+        names = ["reference", "ours"] if args.recipe == "both" else [args.recipe]
+        runs = [(name, apply_overrides(recipe(name), args.set)) for name in names]
+    rows = []
+    for label, cfg in runs:
+        print(f"training {label} for {args.budget:g} s ...", flush=True)
+        row = run_quality(cfg, args.budget, tokenizer, train_ids, val_ids, seed=args.seed, label=label,
+                          verbose=args.verbose)
+        rows.append(row)
+        _print_table([row])
+    print()
+    print(f"validation loss over all {rows[0]['windows']} windows of the validation split (± standard error); "
+          f"budget {args.budget:g} s of training on {args.threads} threads")
+    _print_table(rows)
+    return 0
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
