@@ -542,3 +542,24 @@ def test_bad_prompts():
     assert result.prompt_tokens == TOK.encode(long_prompt)[-48:]
     assert result.tokens == gen.generate(long_prompt[-48:], max_new_tokens=5, do_sample=False).tokens
     assert gen.generate("ROMEO:", max_new_tokens=0).text == ""
+
+
+def test_bench_sample_runs_and_reports(tmp_path, capsys):
+    """The benchmark's plumbing on a small preset (no timing is asserted: timings are noisy)."""
+    import argparse
+    import json
+
+    from tiny_transformer import bench_sample
+
+    parser = argparse.ArgumentParser()
+    bench_sample.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--new-tokens", "12", "--repeats", "1", "--speed-presets", "tiny",
+                              "llama_shakespeare_870k", "--json", str(tmp_path / "bench.json")])
+    assert bench_sample.main(args) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and "identical tokens: yes" in out and "llama_shakespeare_870k" in out
+    report = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert report["cache"]["same_tokens"] and report["cache"]["speedup"] > 0
+    assert set(report["speed"]) == {"tiny", "llama_shakespeare_870k"}
+    with pytest.raises(ValueError, match="--new-tokens must be >= 1"):
+        bench_sample.main(parser.parse_args(["--new-tokens", "0"]))
