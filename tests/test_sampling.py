@@ -319,6 +319,9 @@ def test_speculative_greedy_equals_target_greedy(family):
             plain = gen.generate("ROMEO:", max_new_tokens=n, do_sample=False)
             assert spec.tokens == plain.tokens, (k, n)
             assert 0 <= spec.stats["acceptance_rate"] <= 1
+    no_cache = gen.speculative_generate("ROMEO:", draft, num_draft_tokens=3, max_new_tokens=60, do_sample=False,
+                                        use_cache=False)
+    assert no_cache.tokens == gen.generate("ROMEO:", max_new_tokens=60, do_sample=False).tokens
     # a draft identical to the target is always right
     same = gen.speculative_generate("ROMEO:", target, num_draft_tokens=4, max_new_tokens=30, do_sample=False)
     assert same.stats["acceptance_rate"] == 1.0 and same.stats["rounds"] == 6
@@ -538,7 +541,9 @@ def test_bad_prompts():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = gen.generate(long_prompt, max_new_tokens=5, do_sample=False)
-    assert any("only its last 48 tokens are used" in str(w.message) for w in caught)
+    assert [w.filename for w in caught if "only its last 48 tokens are used" in str(w.message)] == [__file__]
+    with pytest.raises(ValueError, match="temperature"):
+        gen.stream("ROMEO:", temperature=-1)  # checked at the call, before any iteration
     assert result.prompt_tokens == TOK.encode(long_prompt)[-48:]
     assert result.tokens == gen.generate(long_prompt[-48:], max_new_tokens=5, do_sample=False).tokens
     assert gen.generate("ROMEO:", max_new_tokens=0).text == ""

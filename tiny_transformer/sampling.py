@@ -270,7 +270,7 @@ class GeneratorConfig:
     penalty_alpha: float | None = None  # contrastive search's degeneration penalty (0..1)
     mirostat_tau: float | None = None  # Mirostat v2 target surprise in bits (e.g. 3.0)
     mirostat_eta: float = 0.1  # Mirostat learning rate
-    return_logits: bool = False  # keep each step's raw model logits in the result
+    return_logits: bool = False  # greedy/sampling/Mirostat: keep each step's raw logits in result.logits
 
     def __post_init__(self):
         n = self.max_new_tokens
@@ -570,12 +570,11 @@ class TextGenerator:
                 stepper.append(tokens)  # fed on the next step's logits() call
 
     # -- driving any token source into text ----------------------------------------------------
-    def _run(self, prompts: list[str], cfg: GeneratorConfig, source: Callable, on_text=None) -> Iterator:
+    def _run(self, prompts: list[str], ids: list[list[int]], cfg: GeneratorConfig, source: Callable) -> Iterator:
         """Generic driver: feeds tokens from `source(prompt_ids, stats)` into text trackers.
 
         A generator: yields (row, text piece) as text becomes final, returns the results.
         """
-        ids = [self.encode_prompt(p, cfg) for p in prompts]
         end_ids = self._end_ids(cfg)
         trackers = [_TextTracker(self.tokenizer, i, cfg.stop, end_ids) for i in ids]
         stats: dict = {"method": cfg.method}
@@ -663,7 +662,8 @@ class TextGenerator:
         Example: `gen.generate("ROMEO:", max_new_tokens=100, temperature=0.8, top_k=40, seed=1)`.
         """
         cfg = self._config(config, overrides)
-        events = self._run([prompt], cfg, self._source(cfg, batch=False))
+        source = self._source(cfg, batch=False)
+        events = self._run([prompt], [self.encode_prompt(prompt, cfg)], cfg, source)
         result = self._drain(events, None if callback is None else lambda _row, piece: callback(piece))[0]
         self.last_result = result
         return result
@@ -677,14 +677,20 @@ class TextGenerator:
         The full result is in `gen.last_result` once the loop ends.
         """
         cfg = self._config(config, overrides)
-        events = self._run([prompt], cfg, self._source(cfg, batch=False))
-        while True:
-            try:
-                _, piece = next(events)
-            except StopIteration as stop:
-                self.last_result = stop.value[0]
-                return
-            yield piece
+        source = self._source(cfg, batch=False)
+        # Checked and encoded now, so that bad input fails at the call, not at the first `next()`.
+        events = self._run([prompt], [self.encode_prompt(prompt, cfg)], cfg, source)
+
+        def pieces():
+            while True:
+                try:
+                    _, piece = next(events)
+                except StopIteration as stop:
+                    self.last_result = stop.value[0]
+                    return
+                yield piece
+
+        return pieces()
 
     def generate_batch(self, prompts: Sequence[str], config: GeneratorConfig | None = None, *,
                        callback: Callable[[int, str], None] | None = None, **overrides) -> list[GenerationResult]:
@@ -698,7 +704,8 @@ class TextGenerator:
         if isinstance(prompts, str) or not prompts:
             raise ValueError("generate_batch needs a non-empty list of prompt strings")
         cfg = self._config(config, overrides)
-        events = self._run(list(prompts), cfg, self._source(cfg, batch=True))
+        source = self._source(cfg, batch=True)
+        events = self._run(list(prompts), [self.encode_prompt(p, cfg) for p in prompts], cfg, source)
         results = self._drain(events, callback)
         self.last_result = results[-1]
         return results
@@ -752,7 +759,7 @@ class TextGenerator:
                 generator=self._rng(cfg, device="cpu"), use_cache=cfg.use_cache, vocab_size=self.vocab_size,
                 stats=stats)
 
-        events = self._run([prompt], cfg, source)
+        events = self._run([prompt], [self.encode_prompt(prompt, cfg)], cfg, source)
         result = self._drain(events, None if callback is None else lambda _row, piece: callback(piece))[0]
         self.last_result = result
         return result
