@@ -1,0 +1,1905 @@
+/*
+ * run.c -- inference for a Llama-style transformer, in one C file.
+ *
+ * Read it top to bottom: model file format and config, weights, forward pass, tokenizer, sampler,
+ * generation, and finally the two front ends: a command-line program (`main`) and a small C API for
+ * Python (compiled with -DRUN_LIBRARY, loaded with cffi or ctypes).
+ *
+ * Two model file formats are read:
+ *   - llama2.c's legacy "version 0" model.bin: 7 int32 then fp32 weights. Byte compatible, so the
+ *     published llama2.c models (stories15M.bin, ...) run unchanged.
+ *   - our extended format (256-byte header starting with a magic number and a version) for what
+ *     version 0 cannot say: QK-norm, logit soft-capping, RoPE theta, norm eps, sliding-window
+ *     attention, a padded classifier and int8 (Q8_0) weights. Its first int32 is negative, so a
+ *     version-0 reader sees "dim < 0" and refuses it instead of misreading it.
+ * native/README.md documents both byte by byte.
+ *
+ * Every number in a file is checked before it is trusted: dimensions, their consistency, and that the
+ * file size is exactly what the header implies. Errors say what is wrong and how to fix it.
+ *
+ * Build:  cc -O3 -march=native -o native/build/run native/run.c -lm     (this CPU only)
+ *         cc -O3 -o native/build/run native/run.c -lm                   (portable)
+ *         add -fopenmp to spread the matrix-vector products over cores (off by default).
+ * Run:    native/build/run model.bin -z tokenizer.bin -t 0.8 -p 0.9 -n 256 -i "ROMEO:"
+ */
+
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L /* clock_gettime */
+#endif
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* ------------------------------------------------------------------------------------------------
+ * Short vectors. GCC and Clang let C work on fixed-size vectors of floats ("vector extensions");
+ * they compile to SIMD instructions (AVX-512, AVX2, SSE, NEON) without -ffast-math, because each
+ * lane is an independent computation. Other compilers get plain loops.
+ */
+#if defined(__GNUC__) || defined(__clang__)
+#define HAVE_VEC 1
+#if defined(__AVX512F__)
+#define VLEN 16 /* floats per vector: the widest registers the target has */
+#elif defined(__AVX__)
+#define VLEN 8
+#else
+#define VLEN 4 /* SSE2, NEON */
+#endif
+typedef float vfloat __attribute__((vector_size(VLEN * sizeof(float))));
+
+static inline vfloat vload(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof(v)); /* any alignment */
+    return v;
+}
+
+static inline void vstore(float *p, vfloat v) { memcpy(p, &v, sizeof(v)); }
+
+/* VLEN int8 values as floats. Compilers turn the generic loop into slow code, so x86 gets the
+ * sign-extend + convert instruction pair it has for exactly this. */
+static inline vfloat vload_i8(const int8_t *p) {
+#if defined(__AVX512F__)
+    return (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(const void *)p)));
+#elif defined(__AVX2__)
+    return (vfloat)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p)));
+#else
+    float f[VLEN];
+    for (int i = 0; i < VLEN; i++) f[i] = (float)p[i];
+    return vload(f);
+#endif
+}
+#define PANEL VLEN /* rows per panel of a packed matrix (see "Packed weights") */
+#else
+#define PANEL 8
+#endif
+
+/* ------------------------------------------------------------------------------------------------
+ * Errors. Every function that can fail returns 0 on success and -1 on failure after writing a
+ * message into an Err. The command-line program prints it; the library hands it back to the caller
+ * (no exit() anywhere in library code).
+ */
+
+typedef struct {
+    char *buf;
+    int len;
+} Err;
+
+static int fail(Err *err, const char *fmt, ...) {
+    if (err && err->buf && err->len > 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err->buf, (size_t)err->len, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Model file format and configuration
+ */
+
+#define BOS_ID 1 /* llama2.c convention, also SentencePiece's default with unk=0, bos=1, eos=2 */
+#define EOS_ID 2
+#define UNK_ID 0
+
+#define V0_HEADER_BYTES 28       /* 7 x int32 */
+#define EXT_HEADER_BYTES 256     /* fixed size; unused bytes are reserved and must be zero */
+#define EXT_MAGIC 0x8D4C5454u    /* bytes "TTL\x8d": read as an int32 `dim` this is negative */
+#define EXT_VERSION 1
+#define AK42_MAGIC 0x616b3432u   /* llama2.c's export.py --version 1/2 files (not read here) */
+
+#define FLAG_SHARED_CLASSIFIER 1 /* classifier = token embedding table (tied weights) */
+#define FLAG_QK_NORM 2           /* RMSNorm over each head's q and k before RoPE */
+#define KNOWN_FLAGS (FLAG_SHARED_CLASSIFIER | FLAG_QK_NORM)
+
+#define WT_F32 0 /* weight types */
+#define WT_Q8 1  /* Q8_0: int8 weights, one fp32 scale per group of `group_size` along each row */
+
+/* Upper limits keep all size arithmetic far from overflow (sizes are computed in 64 bits) and catch
+ * garbage headers early. They are far above anything this engine is meant for. */
+#define MAX_DIM (1 << 16)
+#define MAX_HIDDEN (1 << 18)
+#define MAX_LAYERS 1024
+#define MAX_VOCAB (1 << 22)
+#define MAX_SEQ_LEN (1 << 20)
+#define MAX_TOKEN_BYTES 4096       /* longest tokenizer piece we accept */
+#define MAX_PROMPT_BYTES 65536     /* longest prompt generate/chat accept */
+#define Q8_CHUNK 1024              /* largest Q8_0 group; the int8 kernel converts this many columns at once */
+
+/* The KV cache is n_layers * seq_len * kv_dim * 2 floats; refuse headers that would need more. */
+static uint64_t max_state_bytes = 4ull << 30;
+
+typedef struct {
+    int dim;            /* width of the residual stream */
+    int hidden_dim;     /* width of the feed-forward layer */
+    int n_layers;
+    int n_heads;        /* query heads */
+    int n_kv_heads;     /* key/value heads (< n_heads: grouped-query attention) */
+    int vocab_size;     /* tokens the tokenizer knows; logits returned per position */
+    int seq_len;        /* longest context */
+    int head_rows;      /* rows of the classifier (>= vocab_size; extra rows are padding) */
+    int shared_classifier;
+    int qk_norm;
+    int sliding_window; /* attend to at most this many most recent positions; 0 = all */
+    int weight_type;    /* WT_F32 or WT_Q8 */
+    int group_size;     /* Q8_0 group size (0 for fp32) */
+    float norm_eps;
+    double rope_theta;
+    float logit_softcap; /* logits = cap * tanh(logits / cap); 0 = off */
+    int version;         /* 0 = llama2.c legacy, 1 = ours */
+} Config;
+
+/* A tensor as stored in the file: bytes of fp32 values, or of int8 values followed by the group
+ * scales (Q8_0). Read through memcpy, so any alignment is fine. */
+typedef struct {
+    const unsigned char *data;
+    const unsigned char *scales; /* Q8_0 only */
+} Tensor;
+
+/* Where each tensor lies in the file (layers stacked, see native/README.md). */
+typedef struct {
+    Tensor token_embedding; /* (vocab_size, dim) */
+    Tensor rms_att;         /* (layer, dim) */
+    Tensor wq;              /* (layer, n_heads * head_size, dim) */
+    Tensor wk;              /* (layer, n_kv_heads * head_size, dim) */
+    Tensor wv;              /* (layer, n_kv_heads * head_size, dim) */
+    Tensor q_norm;          /* (layer, head_size), QK-norm only */
+    Tensor k_norm;          /* (layer, head_size), QK-norm only */
+    Tensor wo;              /* (layer, dim, n_heads * head_size) */
+    Tensor rms_ffn;         /* (layer, dim) */
+    Tensor w1;              /* (layer, hidden, dim) */
+    Tensor w2;              /* (layer, dim, hidden) */
+    Tensor w3;              /* (layer, hidden, dim) */
+    Tensor rms_final;       /* (dim) */
+    Tensor wcls;            /* (head_rows, dim) */
+} FileWeights;
+
+static int32_t read_i32(const unsigned char *p) {
+    /* Files are little-endian; assemble bytes so the code also works on big-endian machines. */
+    uint32_t u = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    int32_t v;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+static float read_f32(const unsigned char *p) {
+    int32_t i = read_i32(p);
+    float f;
+    memcpy(&f, &i, 4);
+    return f;
+}
+
+static double read_f64(const unsigned char *p) {
+    uint64_t u = (uint64_t)(uint32_t)read_i32(p) | (uint64_t)(uint32_t)read_i32(p + 4) << 32;
+    double d;
+    memcpy(&d, &u, 8);
+    return d;
+}
+
+static int is_big_endian(void) {
+    const uint16_t one = 1;
+    unsigned char b;
+    memcpy(&b, &one, 1);
+    return b == 0;
+}
+
+/* Check the dimensions every format shares. `what` names the file in messages. */
+static int check_dims(const Config *c, const char *what, Err *err) {
+    if (c->dim <= 0 || c->dim > MAX_DIM)
+        return fail(err, "%s: dim = %d is out of range (1..%d); the file is not a model file or is corrupt",
+                    what, c->dim, MAX_DIM);
+    if (c->hidden_dim <= 0 || c->hidden_dim > MAX_HIDDEN)
+        return fail(err, "%s: hidden_dim = %d is out of range (1..%d); the file is corrupt", what,
+                    c->hidden_dim, MAX_HIDDEN);
+    if (c->n_layers <= 0 || c->n_layers > MAX_LAYERS)
+        return fail(err, "%s: n_layers = %d is out of range (1..%d); the file is corrupt", what,
+                    c->n_layers, MAX_LAYERS);
+    if (c->n_heads <= 0 || c->n_heads > c->dim || c->dim % c->n_heads != 0)
+        return fail(err, "%s: n_heads = %d must be positive and divide dim = %d; the file is corrupt",
+                    what, c->n_heads, c->dim);
+    if (c->n_kv_heads <= 0 || c->n_kv_heads > c->n_heads || c->n_heads % c->n_kv_heads != 0)
+        return fail(err,
+                    "%s: n_kv_heads = %d must be positive and divide n_heads = %d; the file is corrupt",
+                    what, c->n_kv_heads, c->n_heads);
+    if ((c->dim / c->n_heads) % 2 != 0)
+        return fail(err, "%s: head size dim/n_heads = %d must be even for RoPE; the file is corrupt",
+                    what, c->dim / c->n_heads);
+    if (c->vocab_size <= 0 || c->vocab_size > MAX_VOCAB)
+        return fail(err, "%s: vocab_size = %d is out of range (1..%d); the file is corrupt", what,
+                    c->vocab_size, MAX_VOCAB);
+    if (c->seq_len <= 0 || c->seq_len > MAX_SEQ_LEN)
+        return fail(err, "%s: seq_len = %d is out of range (1..%d); the file is corrupt", what,
+                    c->seq_len, MAX_SEQ_LEN);
+    uint64_t kv_dim = (uint64_t)c->dim / c->n_heads * c->n_kv_heads;
+    uint64_t state = (uint64_t)c->n_layers * c->seq_len * kv_dim * 2 * sizeof(float);
+    if (state > max_state_bytes)
+        return fail(err,
+                    "%s: the KV cache for seq_len = %d would take %.1f GiB (limit %.1f GiB); the file "
+                    "is corrupt, or export the model with a smaller max_seq_len",
+                    what, c->seq_len, state / 1073741824.0, max_state_bytes / 1073741824.0);
+    return 0;
+}
+
+/* Bytes of a weight tensor with n elements of the file's weight type. */
+static uint64_t tensor_bytes(const Config *c, uint64_t n) {
+    if (c->weight_type == WT_Q8) return n + n / (uint64_t)c->group_size * 4;
+    return n * 4;
+}
+
+/* Walk the weight layout once. With base == NULL it only counts bytes; otherwise it also records
+ * where each tensor starts. Doing both with one function guarantees the size check and the reads
+ * agree. */
+static uint64_t map_weights(const Config *c, FileWeights *w, const unsigned char *base, uint64_t offset) {
+    uint64_t L = (uint64_t)c->n_layers, dim = (uint64_t)c->dim, hidden = (uint64_t)c->hidden_dim;
+    uint64_t hs = dim / (uint64_t)c->n_heads, kv_dim = hs * (uint64_t)c->n_kv_heads;
+    FileWeights tmp;
+    if (!w) w = &tmp;
+    memset(w, 0, sizeof(*w));
+
+#define TAKE_F32(field, n)                                \
+    do {                                                  \
+        if (base) w->field.data = base + offset;          \
+        offset += (uint64_t)(n) * 4;                      \
+    } while (0)
+#define TAKE_MAT(field, n)                                \
+    do {                                                  \
+        uint64_t n_ = (n);                                \
+        if (base) w->field.data = base + offset;          \
+        if (base && c->weight_type == WT_Q8)              \
+            w->field.scales = base + offset + n_;         \
+        offset += tensor_bytes(c, n_);                    \
+    } while (0)
+
+    TAKE_MAT(token_embedding, (uint64_t)c->vocab_size * dim);
+    TAKE_F32(rms_att, L * dim);
+    TAKE_MAT(wq, L * dim * dim);
+    TAKE_MAT(wk, L * kv_dim * dim);
+    TAKE_MAT(wv, L * kv_dim * dim);
+    if (c->version > 0 && c->qk_norm) {
+        TAKE_F32(q_norm, L * hs);
+        TAKE_F32(k_norm, L * hs);
+    }
+    TAKE_MAT(wo, L * dim * dim);
+    TAKE_F32(rms_ffn, L * dim);
+    TAKE_MAT(w1, L * hidden * dim);
+    TAKE_MAT(w2, L * dim * hidden);
+    TAKE_MAT(w3, L * hidden * dim);
+    TAKE_F32(rms_final, dim);
+    if (c->version == 0) offset += (uint64_t)c->seq_len * hs * 4; /* freq_cis real + imag: unused */
+    if (c->shared_classifier) {
+        w->wcls = w->token_embedding;
+    } else {
+        TAKE_MAT(wcls, (uint64_t)c->head_rows * dim);
+    }
+#undef TAKE_F32
+#undef TAKE_MAT
+    return offset;
+}
+
+/* Parse and validate a model held in memory (the whole file). */
+static int parse_model(const unsigned char *data, uint64_t size, Config *c, FileWeights *w, Err *err) {
+    memset(c, 0, sizeof(*c));
+    if (is_big_endian())
+        return fail(err, "this engine maps little-endian weights directly and needs a little-endian CPU");
+    if (size < V0_HEADER_BYTES)
+        return fail(err,
+                    "model file is %llu bytes, smaller than the smallest header (28 bytes): it is "
+                    "empty or truncated; export it again",
+                    (unsigned long long)size);
+    uint32_t magic = (uint32_t)read_i32(data);
+    if (magic == AK42_MAGIC)
+        return fail(err,
+                    "this model.bin was written by llama2.c's export.py with --version 1 or 2, which "
+                    "this engine does not read; export it with --version 0 (legacy) or with "
+                    "`python -m tiny_transformer export`");
+    if (magic == EXT_MAGIC) {
+        if (size < EXT_HEADER_BYTES)
+            return fail(err, "model file is %llu bytes, smaller than its 256-byte header: it is truncated; "
+                             "export it again", (unsigned long long)size);
+        c->version = read_i32(data + 4);
+        if (c->version != EXT_VERSION)
+            return fail(err,
+                        "model file has format version %d, but this run.c reads version %d; update "
+                        "native/run.c or export the model again with this version of tiny_transformer",
+                        c->version, EXT_VERSION);
+        c->dim = read_i32(data + 8);
+        c->hidden_dim = read_i32(data + 12);
+        c->n_layers = read_i32(data + 16);
+        c->n_heads = read_i32(data + 20);
+        c->n_kv_heads = read_i32(data + 24);
+        c->vocab_size = read_i32(data + 28);
+        c->seq_len = read_i32(data + 32);
+        c->head_rows = read_i32(data + 36);
+        int flags = read_i32(data + 40);
+        c->weight_type = read_i32(data + 44);
+        c->group_size = read_i32(data + 48);
+        c->norm_eps = read_f32(data + 52);
+        c->rope_theta = read_f64(data + 56);
+        c->logit_softcap = read_f32(data + 64);
+        c->sliding_window = read_i32(data + 68);
+        for (int i = 72; i < EXT_HEADER_BYTES; i++)
+            if (data[i] != 0)
+                return fail(err,
+                            "model header byte %d is reserved and must be zero but is %d: the file is "
+                            "corrupt or was written by a newer exporter; update native/run.c",
+                            i, data[i]);
+        if (flags & ~KNOWN_FLAGS)
+            return fail(err, "model header has unknown flags 0x%x (known: 0x%x); update native/run.c "
+                             "or export without the new features", (unsigned)flags, KNOWN_FLAGS);
+        c->shared_classifier = (flags & FLAG_SHARED_CLASSIFIER) != 0;
+        c->qk_norm = (flags & FLAG_QK_NORM) != 0;
+        if (check_dims(c, "model file", err)) return -1;
+        if (c->head_rows < c->vocab_size || c->head_rows > MAX_VOCAB)
+            return fail(err, "model file: head_rows = %d must lie in vocab_size..%d (= %d..%d); the file is "
+                             "corrupt", c->head_rows, MAX_VOCAB, c->vocab_size, MAX_VOCAB);
+        if (c->shared_classifier && c->head_rows != c->vocab_size)
+            return fail(err, "model file: a shared (tied) classifier must have head_rows = vocab_size = %d, "
+                             "got %d; the file is corrupt", c->vocab_size, c->head_rows);
+        if (c->weight_type == WT_F32) {
+            if (c->group_size != 0)
+                return fail(err, "model file: fp32 weights must have group_size 0, got %d; the file is "
+                                 "corrupt", c->group_size);
+        } else if (c->weight_type == WT_Q8) {
+            if (c->group_size < 4 || c->group_size > Q8_CHUNK || c->group_size % 4 != 0)
+                return fail(err, "model file: Q8_0 group_size = %d must be a multiple of 4 in 4..%d; the "
+                                 "file is corrupt", c->group_size, Q8_CHUNK);
+            if (c->dim % c->group_size != 0 || c->hidden_dim % c->group_size != 0)
+                return fail(err, "model file: Q8_0 group_size = %d must divide dim = %d and hidden_dim = %d; "
+                                 "the file is corrupt", c->group_size, c->dim, c->hidden_dim);
+        } else {
+            return fail(err, "model file: unknown weight type %d (0 = fp32, 1 = Q8_0); update native/run.c",
+                        c->weight_type);
+        }
+        if (!(c->norm_eps > 0.0f && c->norm_eps < 1.0f))
+            return fail(err, "model file: norm_eps = %g must lie in (0, 1); the file is corrupt", c->norm_eps);
+        if (!(c->rope_theta >= 1.0 && c->rope_theta < 1e30))
+            return fail(err, "model file: rope_theta = %g must be a finite number >= 1; the file is corrupt",
+                        c->rope_theta);
+        if (!(c->logit_softcap >= 0.0f && c->logit_softcap < 1e30f))
+            return fail(err, "model file: logit_softcap = %g must be finite and >= 0 (0 = off); the file is "
+                             "corrupt", c->logit_softcap);
+        if (c->sliding_window < 0)
+            return fail(err, "model file: sliding_window = %d must be >= 0 (0 = off); the file is corrupt",
+                        c->sliding_window);
+        uint64_t expected = map_weights(c, NULL, NULL, EXT_HEADER_BYTES);
+        if (expected != size)
+            return fail(err,
+                        "model file is %llu bytes but its header (dim %d, hidden %d, layers %d, heads %d, "
+                        "kv_heads %d, vocab %d, head_rows %d, %s) implies %llu bytes: the file is %s; "
+                        "export it again",
+                        (unsigned long long)size, c->dim, c->hidden_dim, c->n_layers, c->n_heads,
+                        c->n_kv_heads, c->vocab_size, c->head_rows, c->weight_type ? "q8_0" : "fp32",
+                        (unsigned long long)expected, size < expected ? "truncated" : "too long or corrupt");
+        map_weights(c, w, data, EXT_HEADER_BYTES);
+        return 0;
+    }
+
+    /* llama2.c version 0: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len. */
+    c->version = 0;
+    c->dim = read_i32(data);
+    c->hidden_dim = read_i32(data + 4);
+    c->n_layers = read_i32(data + 8);
+    c->n_heads = read_i32(data + 12);
+    c->n_kv_heads = read_i32(data + 16);
+    int32_t v = read_i32(data + 20);
+    c->seq_len = read_i32(data + 24);
+    /* A negative vocab_size marks an untied classifier stored after the other weights. */
+    c->shared_classifier = v > 0;
+    c->vocab_size = v == INT32_MIN ? INT32_MIN : (v < 0 ? -v : v);
+    c->head_rows = c->vocab_size;
+    c->weight_type = WT_F32;
+    c->norm_eps = 1e-5f;
+    c->rope_theta = 10000.0f;
+    if (c->dim <= 0 && (magic & 0xffu) == 'T' && ((magic >> 8) & 0xffu) == 'T')
+        return fail(err, "model file starts like our extended format but the magic number is wrong; the "
+                         "file is corrupt, export it again");
+    if (check_dims(c, "model file (llama2.c version 0 header)", err)) return -1;
+    uint64_t expected = map_weights(c, NULL, NULL, V0_HEADER_BYTES);
+    if (expected != size)
+        return fail(err,
+                    "model file is %llu bytes but its llama2.c header (dim %d, hidden %d, layers %d, heads "
+                    "%d, kv_heads %d, vocab %d%s, seq_len %d) implies %llu bytes: the file is %s; export "
+                    "it again",
+                    (unsigned long long)size, c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads,
+                    c->vocab_size, c->shared_classifier ? "" : " untied", c->seq_len,
+                    (unsigned long long)expected, size < expected ? "truncated" : "too long or corrupt");
+    map_weights(c, w, data, V0_HEADER_BYTES);
+    return 0;
+}
+
+/* Read a whole file into memory. Returns NULL (message in err) on failure. */
+static unsigned char *read_file(const char *path, const char *what, uint64_t *size_out, Err *err) {
+    if (!path || !*path) {
+        fail(err, "no %s path given", what);
+        return NULL;
+    }
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fail(err, "cannot open %s '%s': %s; check the path", what, path, strerror(errno));
+        return NULL;
+    }
+    unsigned char *data = NULL;
+    size_t cap = 0, n = 0;
+    for (;;) { /* read in chunks: works for pipes too, and needs no 64-bit ftell */
+        if (n == cap) {
+            size_t new_cap = cap ? cap * 2 : 1 << 16;
+            if (new_cap < cap) break;
+            unsigned char *p = (unsigned char *)realloc(data, new_cap);
+            if (!p) {
+                free(data);
+                fclose(f);
+                fail(err, "out of memory reading %s '%s'", what, path);
+                return NULL;
+            }
+            data = p;
+            cap = new_cap;
+        }
+        size_t got = fread(data + n, 1, cap - n, f);
+        n += got;
+        if (got == 0) break;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) {
+        free(data);
+        fail(err, "error reading %s '%s'", what, path);
+        return NULL;
+    }
+    *size_out = n;
+    return data;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Packed weights and the matrix-vector product
+ *
+ * Matrix-vector products dominate the run time: every weight is read once per token. To make them
+ * fast, each weight matrix is rearranged once, at load time, into "panels" of PANEL rows: panel p
+ * holds, for column j = 0, 1, ..., the PANEL weights W[p*PANEL + r][j] (r = 0..PANEL-1) side by
+ * side. Then out = W x is, panel by panel, "for each column j: out[panel] += W[panel][j] * x[j]",
+ * one vector multiply-add per column that updates PANEL outputs at once. There are no horizontal
+ * sums, the weights are read strictly in order, and four panels share every load of x[j].
+ * Rows past the end of the matrix (in its last panel) are zero and never stored.
+ * Q8_0 matrices keep their int8 values in the same layout, and their scales as
+ * [panel][group][PANEL]; each group's sum is scaled once.
+ */
+
+typedef struct {
+    int rows, cols;
+    float *f;  /* fp32 panels, or NULL for Q8_0 */
+    int8_t *q; /* int8 panels (Q8_0) */
+    float *s;  /* group scales (Q8_0) */
+} Matrix;
+
+typedef struct {
+    Matrix token_embedding;                   /* (vocab, dim); also the classifier when shared */
+    Matrix *wq, *wk, *wv, *wo, *w1, *w2, *w3; /* one per layer */
+    Matrix wcls;                              /* the classifier's first vocab_size rows */
+    float *rms_att, *q_norm, *k_norm, *rms_ffn, *rms_final;
+    Matrix *matrices; /* storage for the per-layer Matrix structs */
+    void *arena;      /* one allocation for all weights */
+} Weights;
+
+static float load_f32(const unsigned char *p) {
+    float f;
+    memcpy(&f, p, 4);
+    return f;
+}
+
+static size_t panels_of(int rows) { return ((size_t)rows + PANEL - 1) / PANEL; }
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+static size_t packed_bytes(const Config *c, int rows, int cols) {
+    size_t n = panels_of(rows) * PANEL * (size_t)cols;
+    if (c->weight_type == WT_Q8) return align64(n) + align64(n / (size_t)c->group_size * sizeof(float));
+    return align64(n * sizeof(float));
+}
+
+/* Fill matrix m (rows x cols) from the file tensor t, starting at row `row0` (layer offset), using
+ * memory at *cursor. */
+static void pack_matrix(Matrix *m, const Config *c, Tensor t, size_t row0, int rows, int cols,
+                        unsigned char **cursor) {
+    size_t np = panels_of(rows), n = np * PANEL * (size_t)cols, ncols = (size_t)cols;
+    m->rows = rows, m->cols = cols, m->f = NULL, m->q = NULL, m->s = NULL;
+    if (c->weight_type == WT_F32) {
+        m->f = (float *)(void *)*cursor;
+        *cursor += align64(n * sizeof(float));
+        memset(m->f, 0, n * sizeof(float));
+        for (size_t row = 0; row < (size_t)rows; row++)
+            for (size_t j = 0; j < ncols; j++)
+                m->f[((row / PANEL) * ncols + j) * PANEL + row % PANEL] = load_f32(t.data + ((row0 + row) * ncols + j) * 4);
+    } else {
+        size_t gs = (size_t)c->group_size, groups = ncols / gs;
+        m->q = (int8_t *)(void *)*cursor;
+        *cursor += align64(n);
+        m->s = (float *)(void *)*cursor;
+        *cursor += align64(n / gs * sizeof(float));
+        memset(m->q, 0, n);
+        memset(m->s, 0, n / gs * sizeof(float));
+        for (size_t row = 0; row < (size_t)rows; row++) {
+            for (size_t j = 0; j < ncols; j++)
+                m->q[((row / PANEL) * ncols + j) * PANEL + row % PANEL] = (int8_t)t.data[(row0 + row) * ncols + j];
+            for (size_t g = 0; g < groups; g++)
+                m->s[((row / PANEL) * groups + g) * PANEL + row % PANEL] = load_f32(t.scales + ((row0 + row) * groups + g) * 4);
+        }
+    }
+}
+
+static float *copy_floats(Tensor t, size_t n, unsigned char **cursor) {
+    float *dst = (float *)(void *)*cursor;
+    *cursor += align64(n * sizeof(float));
+    memcpy(dst, t.data, n * sizeof(float));
+    return dst;
+}
+
+static void free_weights(Weights *w) {
+    free(w->matrices);
+    free(w->arena);
+    memset(w, 0, sizeof(*w));
+}
+
+/* Build the packed weights from the file's tensors (after which the file bytes can be freed). */
+static int pack_weights(Weights *w, const Config *c, const FileWeights *fw, Err *err) {
+    int L = c->n_layers, dim = c->dim, hidden = c->hidden_dim;
+    int hs = dim / c->n_heads, kv_dim = hs * c->n_kv_heads;
+    memset(w, 0, sizeof(*w));
+    size_t per_layer = 2 * packed_bytes(c, dim, dim) + 2 * packed_bytes(c, kv_dim, dim) +
+                       2 * packed_bytes(c, hidden, dim) + packed_bytes(c, dim, hidden);
+    size_t bytes = packed_bytes(c, c->vocab_size, dim) + (size_t)L * per_layer + 64 +
+                   (c->shared_classifier ? 0 : packed_bytes(c, c->vocab_size, dim)) +
+                   2 * align64((size_t)L * dim * sizeof(float)) + 2 * align64((size_t)L * hs * sizeof(float)) +
+                   align64((size_t)dim * sizeof(float));
+    w->arena = malloc(bytes);
+    w->matrices = (Matrix *)calloc((size_t)L * 7, sizeof(Matrix));
+    if (!w->arena || !w->matrices) {
+        free_weights(w);
+        return fail(err, "out of memory: the weights need %.1f MiB", bytes / 1048576.0);
+    }
+    unsigned char *cursor = (unsigned char *)w->arena;
+    cursor += (64 - (uintptr_t)cursor % 64) % 64; /* vectors read best from 64-byte boundaries */
+    w->wq = w->matrices, w->wk = w->wq + L, w->wv = w->wk + L, w->wo = w->wv + L;
+    w->w1 = w->wo + L, w->w2 = w->w1 + L, w->w3 = w->w2 + L;
+    pack_matrix(&w->token_embedding, c, fw->token_embedding, 0, c->vocab_size, dim, &cursor);
+    for (int l = 0; l < L; l++) {
+        pack_matrix(&w->wq[l], c, fw->wq, (size_t)l * dim, dim, dim, &cursor);
+        pack_matrix(&w->wk[l], c, fw->wk, (size_t)l * kv_dim, kv_dim, dim, &cursor);
+        pack_matrix(&w->wv[l], c, fw->wv, (size_t)l * kv_dim, kv_dim, dim, &cursor);
+        pack_matrix(&w->wo[l], c, fw->wo, (size_t)l * dim, dim, dim, &cursor);
+        pack_matrix(&w->w1[l], c, fw->w1, (size_t)l * hidden, hidden, dim, &cursor);
+        pack_matrix(&w->w2[l], c, fw->w2, (size_t)l * dim, dim, hidden, &cursor);
+        pack_matrix(&w->w3[l], c, fw->w3, (size_t)l * hidden, hidden, dim, &cursor);
+    }
+    if (c->shared_classifier) w->wcls = w->token_embedding;
+    else pack_matrix(&w->wcls, c, fw->wcls, 0, c->vocab_size, dim, &cursor); /* padding rows dropped */
+    w->rms_att = copy_floats(fw->rms_att, (size_t)L * dim, &cursor);
+    w->rms_ffn = copy_floats(fw->rms_ffn, (size_t)L * dim, &cursor);
+    w->rms_final = copy_floats(fw->rms_final, (size_t)dim, &cursor);
+    if (c->qk_norm) {
+        w->q_norm = copy_floats(fw->q_norm, (size_t)L * hs, &cursor);
+        w->k_norm = copy_floats(fw->k_norm, (size_t)L * hs, &cursor);
+    }
+    return 0;
+}
+
+/* out = W x for an fp32 matrix. Blocks of 4 panels are independent (and shared out among threads
+ * when compiled with OpenMP). */
+static void matmul_f32(float *out, const float *x, const Matrix *m) {
+    int n = m->cols, np = (int)panels_of(m->rows);
+    int p0;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static)
+#endif
+    for (p0 = 0; p0 < np; p0 += 4) {
+        int k = np - p0 < 4 ? np - p0 : 4; /* panels in this block */
+        float acc[4 * PANEL];
+        const float *w = m->f + (size_t)p0 * n * PANEL;
+#ifdef HAVE_VEC
+        if (k == 4) {
+            const float *w0 = w, *w1 = w0 + (size_t)n * PANEL, *w2 = w1 + (size_t)n * PANEL, *w3 = w2 + (size_t)n * PANEL;
+            /* two sets of accumulators (even and odd columns) keep both multiply-add units busy */
+            vfloat a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+            int j = 0;
+            for (; j + 1 < n; j += 2) {
+                float x0 = x[j], x1 = x[j + 1];
+                size_t o = (size_t)j * PANEL;
+                a0 += vload(w0 + o) * x0, a1 += vload(w1 + o) * x0, a2 += vload(w2 + o) * x0, a3 += vload(w3 + o) * x0;
+                o += PANEL;
+                b0 += vload(w0 + o) * x1, b1 += vload(w1 + o) * x1, b2 += vload(w2 + o) * x1, b3 += vload(w3 + o) * x1;
+            }
+            if (j < n) {
+                size_t o = (size_t)j * PANEL;
+                a0 += vload(w0 + o) * x[j], a1 += vload(w1 + o) * x[j], a2 += vload(w2 + o) * x[j], a3 += vload(w3 + o) * x[j];
+            }
+            vstore(acc, a0 + b0), vstore(acc + PANEL, a1 + b1), vstore(acc + 2 * PANEL, a2 + b2), vstore(acc + 3 * PANEL, a3 + b3);
+        } else {
+            for (int q = 0; q < k; q++) {
+                const float *wq = w + (size_t)q * n * PANEL;
+                vfloat a = {0};
+                for (int j = 0; j < n; j++) a += vload(wq + (size_t)j * PANEL) * x[j];
+                vstore(acc + q * PANEL, a);
+            }
+        }
+#else
+        for (int q = 0; q < k; q++) {
+            float *a = acc + q * PANEL;
+            for (int r = 0; r < PANEL; r++) a[r] = 0.0f;
+            for (int j = 0; j < n; j++)
+                for (int r = 0; r < PANEL; r++) a[r] += w[((size_t)q * n + j) * PANEL + r] * x[j];
+        }
+#endif
+        int valid = m->rows - p0 * PANEL; /* the last panel may be partly padding */
+        memcpy(out + (size_t)p0 * PANEL, acc, (size_t)(valid < 4 * PANEL ? valid : 4 * PANEL) * sizeof(float));
+    }
+}
+
+/* out = W x for a Q8_0 matrix: W[i][j] = q[i][j] * scale[i][j / gs]. x stays fp32, so the result
+ * equals an fp32 product with the dequantised weights, up to rounding order. */
+static void matmul_q8(float *out, const float *x, const Matrix *m, int gs) {
+    int n = m->cols, np = (int)panels_of(m->rows), groups = n / gs;
+    int p0;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static)
+#endif
+    for (p0 = 0; p0 < np; p0 += 4) {
+        int k = np - p0 < 4 ? np - p0 : 4;
+        float acc[4 * PANEL];
+        const int8_t *w = m->q + (size_t)p0 * n * PANEL;
+        const float *sc = m->s + (size_t)p0 * groups * PANEL;
+#ifdef HAVE_VEC
+        if (k == 4) {
+            const int8_t *w0 = w, *w1 = w0 + (size_t)n * PANEL, *w2 = w1 + (size_t)n * PANEL, *w3 = w2 + (size_t)n * PANEL;
+            const float *s0 = sc, *s1 = s0 + (size_t)groups * PANEL, *s2 = s1 + (size_t)groups * PANEL,
+                        *s3 = s2 + (size_t)groups * PANEL;
+            vfloat t0 = {0}, t1 = {0}, t2 = {0}, t3 = {0}; /* scaled totals */
+            for (int g = 0; g < groups; g++) {
+                vfloat a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+                for (int j = g * gs; j < (g + 1) * gs; j += 2) { /* gs is a multiple of 4 */
+                    float x0 = x[j], x1 = x[j + 1];
+                    size_t o = (size_t)j * PANEL;
+                    a0 += vload_i8(w0 + o) * x0, a1 += vload_i8(w1 + o) * x0;
+                    a2 += vload_i8(w2 + o) * x0, a3 += vload_i8(w3 + o) * x0;
+                    o += PANEL;
+                    b0 += vload_i8(w0 + o) * x1, b1 += vload_i8(w1 + o) * x1;
+                    b2 += vload_i8(w2 + o) * x1, b3 += vload_i8(w3 + o) * x1;
+                }
+                size_t so = (size_t)g * PANEL;
+                t0 += (a0 + b0) * vload(s0 + so), t1 += (a1 + b1) * vload(s1 + so);
+                t2 += (a2 + b2) * vload(s2 + so), t3 += (a3 + b3) * vload(s3 + so);
+            }
+            vstore(acc, t0), vstore(acc + PANEL, t1), vstore(acc + 2 * PANEL, t2), vstore(acc + 3 * PANEL, t3);
+        } else {
+            for (int q = 0; q < k; q++) {
+                const int8_t *wq = w + (size_t)q * n * PANEL;
+                const float *sq = sc + (size_t)q * groups * PANEL;
+                vfloat t = {0};
+                for (int g = 0; g < groups; g++) {
+                    vfloat a = {0};
+                    for (int j = g * gs; j < (g + 1) * gs; j++) a += vload_i8(wq + (size_t)j * PANEL) * x[j];
+                    t += a * vload(sq + (size_t)g * PANEL);
+                }
+                vstore(acc + q * PANEL, t);
+            }
+        }
+#else
+        for (int q = 0; q < k; q++) {
+            float *t = acc + q * PANEL;
+            for (int r = 0; r < PANEL; r++) t[r] = 0.0f;
+            for (int g = 0; g < groups; g++) {
+                float a[PANEL] = {0};
+                for (int j = g * gs; j < (g + 1) * gs; j++)
+                    for (int r = 0; r < PANEL; r++) a[r] += (float)w[((size_t)q * n + j) * PANEL + r] * x[j];
+                for (int r = 0; r < PANEL; r++) t[r] += a[r] * sc[((size_t)q * groups + g) * PANEL + r];
+            }
+        }
+#endif
+        int valid = m->rows - p0 * PANEL;
+        memcpy(out + (size_t)p0 * PANEL, acc, (size_t)(valid < 4 * PANEL ? valid : 4 * PANEL) * sizeof(float));
+    }
+}
+
+static void matmul(float *out, const float *x, const Matrix *m, int gs) {
+    if (m->f) matmul_f32(out, x, m);
+    else matmul_q8(out, x, m, gs);
+}
+
+/* Row `token` of the (packed) token embedding table, dequantised if needed. */
+static void embedding_row(float *out, const Matrix *emb, int token, int gs) {
+    size_t p = (size_t)token / PANEL, r = (size_t)token % PANEL, cols = (size_t)emb->cols;
+    for (size_t j = 0; j < cols; j++) {
+        size_t at = (p * cols + j) * PANEL + r;
+        out[j] = emb->f ? emb->f[at] : (float)emb->q[at] * emb->s[(p * (cols / gs) + j / gs) * PANEL + r];
+    }
+}
+
+/* RMSNorm: out = x / sqrt(mean(x^2) + eps) * weight. `out` may equal `x`. */
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    float ss = 0.0f;
+    for (int j = 0; j < n; j++) ss += x[j] * x[j];
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int j = 0; j < n; j++) out[j] = weight[j] * (inv * x[j]);
+}
+
+static void softmax(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++)
+        if (x[i] > max) max = x[i];
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - max);
+        sum += x[i];
+    }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * The transformer
+ */
+
+typedef struct {
+    float *x, *xb, *xb2;    /* residual stream and scratch (dim) */
+    float *hb, *hb2;        /* feed-forward scratch (hidden_dim) */
+    float *q;               /* query (dim) */
+    float *k;               /* key of the current position (kv_dim) */
+    float *att;             /* attention scores (n_heads, seq_len) */
+    float *logits;          /* (head_rows) */
+    float *key_cache;       /* (layer, kv_head, head_size, key_stride): transposed, see forward() */
+    int key_stride;         /* seq_len plus padding for whole-vector reads */
+    float *value_cache;     /* (layer, seq_len, kv_dim) */
+    float *rope_cos, *rope_sin; /* (seq_len, head_size / 2) */
+} RunState;
+
+typedef struct {
+    Config config;
+    Weights weights;
+    RunState state;
+} Transformer;
+
+static void free_state(RunState *s) {
+    free(s->x), free(s->xb), free(s->xb2), free(s->hb), free(s->hb2), free(s->q), free(s->k), free(s->att);
+    free(s->logits), free(s->key_cache), free(s->value_cache), free(s->rope_cos), free(s->rope_sin);
+    memset(s, 0, sizeof(*s));
+}
+
+static int alloc_state(RunState *s, const Config *c, Err *err) {
+    size_t hs = (size_t)(c->dim / c->n_heads), kv_dim = hs * c->n_kv_heads;
+    size_t cache = (size_t)c->n_layers * c->seq_len * kv_dim;
+    memset(s, 0, sizeof(*s));
+#ifdef HAVE_VEC
+    s->key_stride = c->seq_len + 2 * VLEN;
+#else
+    s->key_stride = c->seq_len;
+#endif
+    s->x = (float *)calloc((size_t)c->dim, sizeof(float));
+    s->xb = (float *)calloc((size_t)c->dim, sizeof(float));
+    s->xb2 = (float *)calloc((size_t)c->dim, sizeof(float));
+    s->hb = (float *)calloc((size_t)c->hidden_dim, sizeof(float));
+    s->hb2 = (float *)calloc((size_t)c->hidden_dim, sizeof(float));
+    s->q = (float *)calloc((size_t)c->dim, sizeof(float));
+    s->k = (float *)calloc(kv_dim, sizeof(float));
+    s->att = (float *)calloc((size_t)c->n_heads * c->seq_len, sizeof(float));
+    s->logits = (float *)calloc((size_t)c->head_rows, sizeof(float));
+    s->key_cache = (float *)calloc((size_t)c->n_layers * kv_dim * s->key_stride, sizeof(float));
+    s->value_cache = (float *)calloc(cache, sizeof(float));
+    s->rope_cos = (float *)calloc((size_t)c->seq_len * hs / 2, sizeof(float));
+    s->rope_sin = (float *)calloc((size_t)c->seq_len * hs / 2, sizeof(float));
+    if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->k || !s->att || !s->logits ||
+        !s->key_cache || !s->value_cache || !s->rope_cos || !s->rope_sin) {
+        free_state(s);
+        return fail(err, "out of memory allocating the run state (KV cache %.1f MiB); use a model with a "
+                         "smaller seq_len", cache * 8.0 / 1048576.0);
+    }
+    /* RoPE rotates feature pair (2i, 2i+1) of every head by pos * theta^(-2i/head_size). The table
+     * is computed once, in double precision like the PyTorch model's, then rounded to float. */
+    for (size_t pos = 0; pos < (size_t)c->seq_len; pos++) {
+        for (size_t i = 0; i < hs / 2; i++) {
+            double inv_freq = 1.0 / pow(c->rope_theta, (double)(2 * i) / (double)hs);
+            double angle = (double)pos * inv_freq;
+            s->rope_cos[pos * (hs / 2) + i] = (float)cos(angle);
+            s->rope_sin[pos * (hs / 2) + i] = (float)sin(angle);
+        }
+    }
+    return 0;
+}
+
+/* Attention scores of one head for positions first..last: att[t] = scale * q . K[.][t], with the
+ * keys stored feature-major (K[i][t] at keys[i * stride + t]). Each vector of VLEN positions
+ * accumulates over the head's features in a register: no horizontal sums. The key rows are padded
+ * (stride >= seq_len + 2 * VLEN), so the last, partial block is computed whole and only its valid
+ * scores are kept; lanes never mix, so the padding cannot affect them. */
+static void attention_scores(float *att, const float *q, const float *keys, int hs, int stride, int first,
+                             int last, float scale) {
+    int t = first;
+#ifdef HAVE_VEC
+    for (; t <= last; t += 2 * VLEN) { /* two independent chains hide the multiply-add latency */
+        vfloat a0 = {0}, a1 = {0};
+        for (int i = 0; i < hs; i++) {
+            const float *k = keys + (size_t)i * stride + t;
+            a0 += vload(k) * q[i];
+            a1 += vload(k + VLEN) * q[i];
+        }
+        float block[2 * VLEN];
+        vstore(block, a0 * scale), vstore(block + VLEN, a1 * scale);
+        int n = last - t + 1 < 2 * VLEN ? last - t + 1 : 2 * VLEN;
+        memcpy(att + t, block, (size_t)n * sizeof(float));
+    }
+#endif
+    for (; t <= last; t++) {
+        float score = 0.0f;
+        for (int i = 0; i < hs; i++) score += q[i] * keys[(size_t)i * stride + t];
+        att[t] = score * scale;
+    }
+}
+
+/* out = sum over t of att[t] * V[t] for one head (V[t] at values + t * stride, hs floats). */
+static void attention_values(float *out, const float *att, const float *values, int hs, int stride, int first,
+                             int last) {
+    int i = 0;
+#ifdef HAVE_VEC
+    for (; i + VLEN <= hs; i += VLEN) {
+        vfloat a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}; /* positions t mod 4: independent chains */
+        const float *v = values + i;
+        int t = first;
+        for (; t + 3 <= last; t += 4) {
+            a0 += vload(v + (size_t)t * stride) * att[t];
+            a1 += vload(v + (size_t)(t + 1) * stride) * att[t + 1];
+            a2 += vload(v + (size_t)(t + 2) * stride) * att[t + 2];
+            a3 += vload(v + (size_t)(t + 3) * stride) * att[t + 3];
+        }
+        for (; t <= last; t++) a0 += vload(v + (size_t)t * stride) * att[t];
+        vstore(out + i, (a0 + a1) + (a2 + a3));
+    }
+#endif
+    for (; i < hs; i++) {
+        float acc = 0.0f;
+        for (int t = first; t <= last; t++) acc += att[t] * values[(size_t)t * stride + i];
+        out[i] = acc;
+    }
+}
+
+static void rope(float *vec, int n_heads, int hs, const float *cos_row, const float *sin_row) {
+    for (int h = 0; h < n_heads; h++) {
+        float *v = vec + (size_t)h * hs;
+        for (int i = 0; i < hs / 2; i++) {
+            float a = v[2 * i], b = v[2 * i + 1];
+            v[2 * i] = a * cos_row[i] - b * sin_row[i];
+            v[2 * i + 1] = a * sin_row[i] + b * cos_row[i];
+        }
+    }
+}
+
+/* Run the model on one token at position `pos` (0-based) with keys/values of positions < pos
+ * already in the cache. Returns the logits (vocab_size of them are meaningful). */
+static float *forward(Transformer *t, int token, int pos) {
+    const Config *p = &t->config;
+    const Weights *w = &t->weights;
+    RunState *s = &t->state;
+    int dim = p->dim, hidden = p->hidden_dim, hs = dim / p->n_heads, gs = p->group_size;
+    int kv_dim = hs * p->n_kv_heads, kv_mul = p->n_heads / p->n_kv_heads;
+    float eps = p->norm_eps, scale = 1.0f / sqrtf((float)hs);
+    const float *cos_row = s->rope_cos + (size_t)pos * (hs / 2);
+    const float *sin_row = s->rope_sin + (size_t)pos * (hs / 2);
+    int first = 0; /* earliest position this token may attend to */
+    if (p->sliding_window > 0 && pos - p->sliding_window + 1 > 0) first = pos - p->sliding_window + 1;
+
+    embedding_row(s->x, &w->token_embedding, token, gs);
+
+    for (int l = 0; l < p->n_layers; l++) {
+        /* attention: x += wo(attend(q, k, v)) over rmsnorm(x) */
+        rmsnorm(s->xb, s->x, w->rms_att + (size_t)l * dim, dim, eps);
+        size_t layer_off = (size_t)l * p->seq_len * kv_dim;
+        float *v = s->value_cache + layer_off + (size_t)pos * kv_dim; /* v goes straight into the cache */
+        float *keys = s->key_cache + (size_t)l * kv_dim * s->key_stride; /* (kv_head, head_size, key_stride) */
+        matmul(s->q, s->xb, &w->wq[l], gs);
+        matmul(s->k, s->xb, &w->wk[l], gs);
+        matmul(v, s->xb, &w->wv[l], gs);
+        if (p->qk_norm) { /* normalise each head's q and k before rotating them */
+            for (int h = 0; h < p->n_heads; h++)
+                rmsnorm(s->q + (size_t)h * hs, s->q + (size_t)h * hs, w->q_norm + (size_t)l * hs, hs, eps);
+            for (int h = 0; h < p->n_kv_heads; h++)
+                rmsnorm(s->k + (size_t)h * hs, s->k + (size_t)h * hs, w->k_norm + (size_t)l * hs, hs, eps);
+        }
+        rope(s->q, p->n_heads, hs, cos_row, sin_row);
+        rope(s->k, p->n_kv_heads, hs, cos_row, sin_row);
+        /* Keys are cached transposed, feature-major: K[i][t] for feature i of position t, so the
+         * scores of many positions come out of one vector loop (see attention_scores). */
+        for (int i = 0; i < kv_dim; i++) keys[(size_t)i * s->key_stride + pos] = s->k[i];
+
+        int h;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static)
+#endif
+        for (h = 0; h < p->n_heads; h++) {
+            int kvh = h / kv_mul; /* query heads share a kv head in groups (GQA) */
+            float *att = s->att + (size_t)h * p->seq_len;
+            attention_scores(att, s->q + (size_t)h * hs, keys + (size_t)kvh * hs * s->key_stride, hs,
+                             s->key_stride, first, pos, scale);
+            softmax(att + first, pos - first + 1);
+            attention_values(s->xb + (size_t)h * hs, att, s->value_cache + layer_off + (size_t)kvh * hs, hs,
+                             kv_dim, first, pos);
+        }
+        matmul(s->xb2, s->xb, &w->wo[l], gs);
+        for (int i = 0; i < dim; i++) s->x[i] += s->xb2[i];
+
+        /* feed-forward (SwiGLU): x += w2(silu(w1 x) * w3 x) over rmsnorm(x) */
+        rmsnorm(s->xb, s->x, w->rms_ffn + (size_t)l * dim, dim, eps);
+        matmul(s->hb, s->xb, &w->w1[l], gs);
+        matmul(s->hb2, s->xb, &w->w3[l], gs);
+        for (int i = 0; i < hidden; i++) {
+            float g = s->hb[i];
+            s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];
+        }
+        matmul(s->xb, s->hb, &w->w2[l], gs);
+        for (int i = 0; i < dim; i++) s->x[i] += s->xb[i];
+    }
+
+    rmsnorm(s->x, s->x, w->rms_final, dim, eps);
+    /* Padding rows of the classifier (head_rows > vocab_size) were dropped when packing. */
+    matmul(s->logits, s->x, &w->wcls, gs);
+    if (p->logit_softcap > 0.0f) {
+        float cap = p->logit_softcap;
+        for (int i = 0; i < p->vocab_size; i++) s->logits[i] = cap * tanhf(s->logits[i] / cap);
+    }
+    return s->logits;
+}
+
+static void free_transformer(Transformer *t) {
+    free_state(&t->state);
+    free_weights(&t->weights);
+    memset(t, 0, sizeof(*t));
+}
+
+/* Validate a model file held in memory and build a runnable model from it. The weights are copied
+ * (packed), so `data` may be freed afterwards. */
+static int build_transformer(Transformer *t, const unsigned char *data, uint64_t size, Err *err) {
+    FileWeights fw;
+    memset(t, 0, sizeof(*t));
+    if (parse_model(data, size, &t->config, &fw, err)) return -1;
+    if (pack_weights(&t->weights, &t->config, &fw, err) || alloc_state(&t->state, &t->config, err)) {
+        free_transformer(t);
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Tokenizer: llama2.c's tokenizer.bin, a SentencePiece BPE vocabulary in a simple binary form.
+ * Layout: uint32 max_token_length; then for each of the model's vocab_size ids: float32 score,
+ * int32 length, `length` bytes (no terminator). Ids 0, 1, 2 are <unk>, BOS, EOS. With byte fallback,
+ * ids 3..258 are the pieces "<0x00>".."<0xFF>" for the 256 byte values.
+ */
+
+typedef struct {
+    const char *str; /* points into Tokenizer.pool, NUL-terminated */
+    int len;
+    int id;
+} TokenIndex;
+
+typedef struct {
+    char **vocab;           /* piece text per id (NUL-terminated; may contain inner NULs) */
+    int *lens;              /* piece length in bytes */
+    float *scores;          /* merge priority: higher merges first */
+    int vocab_size;
+    int max_token_length;
+    char *pool;             /* storage for all pieces */
+    TokenIndex *sorted;     /* pieces sorted by bytes, for lookups; excludes special/byte pieces */
+    int n_sorted;
+    int byte_fallback;      /* ids 3..258 are <0x00>..<0xFF> */
+    unsigned char byte_pieces[512]; /* "\x00\0\x01\0..." single-byte strings for decoding */
+} Tokenizer;
+
+static int compare_pieces(const char *a, int alen, const char *b, int blen) {
+    int n = alen < blen ? alen : blen;
+    int c = memcmp(a, b, (size_t)n);
+    if (c) return c;
+    return alen < blen ? -1 : (alen > blen ? 1 : 0);
+}
+
+static int compare_tokens(const void *a, const void *b) {
+    const TokenIndex *x = (const TokenIndex *)a, *y = (const TokenIndex *)b;
+    int c = compare_pieces(x->str, x->len, y->str, y->len);
+    return c ? c : (x->id < y->id ? -1 : (x->id > y->id));
+}
+
+/* The id of the piece with exactly these bytes, or -1. (Among duplicates, the smallest id.) */
+static int lookup_piece(const Tokenizer *tk, const char *s, int len) {
+    int lo = 0, hi = tk->n_sorted; /* first entry >= key */
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (compare_pieces(tk->sorted[mid].str, tk->sorted[mid].len, s, len) < 0) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo < tk->n_sorted && compare_pieces(tk->sorted[lo].str, tk->sorted[lo].len, s, len) == 0)
+        return tk->sorted[lo].id;
+    return -1;
+}
+
+static int parse_byte_piece(const char *s, int len) {
+    /* "<0xAB>" -> 0xAB, anything else -> -1 */
+    if (len != 6 || s[0] != '<' || s[1] != '0' || s[2] != 'x' || s[5] != '>') return -1;
+    int v = 0;
+    for (int i = 3; i < 5; i++) {
+        char ch = s[i];
+        int d = (ch >= '0' && ch <= '9') ? ch - '0'
+              : (ch >= 'A' && ch <= 'F') ? ch - 'A' + 10
+              : (ch >= 'a' && ch <= 'f') ? ch - 'a' + 10 : -1;
+        if (d < 0) return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+static void free_tokenizer(Tokenizer *tk) {
+    free(tk->vocab), free(tk->lens), free(tk->scores), free(tk->pool), free(tk->sorted);
+    memset(tk, 0, sizeof(*tk));
+}
+
+/* Parse and validate a tokenizer.bin held in memory, for a model with `vocab_size` tokens. */
+static int parse_tokenizer(Tokenizer *tk, const unsigned char *data, uint64_t size, int vocab_size, Err *err) {
+    memset(tk, 0, sizeof(*tk));
+    if (size < 4)
+        return fail(err, "tokenizer file is %llu bytes, too small to hold its 4-byte header; export it again",
+                    (unsigned long long)size);
+    int32_t max_len = read_i32(data);
+    if (max_len <= 0 || max_len > MAX_TOKEN_BYTES)
+        return fail(err, "tokenizer: max_token_length = %d is out of range (1..%d); this is not a "
+                         "tokenizer.bin or it is corrupt, export it again", max_len, MAX_TOKEN_BYTES);
+    /* First pass: check the structure and measure the pieces, before allocating anything. */
+    uint64_t off = 4, text = 0;
+    for (int i = 0; i < vocab_size; i++) {
+        if (size - off < 8)
+            return fail(err, "tokenizer file ends after %d pieces but the model has vocab_size = %d: the "
+                             "tokenizer belongs to a different model (or is truncated); pass the matching "
+                             "tokenizer.bin with -z", i, vocab_size);
+        float score = read_f32(data + off);
+        int32_t len = read_i32(data + off + 4);
+        if (!isfinite(score))
+            return fail(err, "tokenizer: piece %d has a non-finite score; the file is corrupt, export it again", i);
+        if (len < 0 || len > max_len)
+            return fail(err, "tokenizer: piece %d has length %d outside 0..max_token_length (%d); the file "
+                             "is corrupt, export it again", i, len, max_len);
+        off += 8;
+        if (size - off < (uint64_t)len)
+            return fail(err, "tokenizer file is truncated inside piece %d; export it again", i);
+        off += (uint64_t)len;
+        text += (uint64_t)len + 1;
+    }
+    if (off != size) {
+        /* Count how many more well-formed entries follow, to name the likely mistake. */
+        int extra = 0;
+        uint64_t o = off;
+        while (size - o >= 8) {
+            int32_t len = read_i32(data + o + 4);
+            if (len < 0 || len > max_len || size - o - 8 < (uint64_t)len) break;
+            o += 8 + (uint64_t)len;
+            extra++;
+        }
+        if (o == size)
+            return fail(err, "tokenizer has %d pieces but the model has vocab_size = %d: the tokenizer "
+                             "belongs to a different model; pass the matching tokenizer.bin with -z",
+                        vocab_size + extra, vocab_size);
+        return fail(err, "tokenizer file has %llu unexpected bytes after its %d pieces; the file is "
+                         "corrupt, export it again", (unsigned long long)(size - off), vocab_size);
+    }
+
+    tk->vocab_size = vocab_size;
+    tk->max_token_length = max_len;
+    tk->vocab = (char **)calloc((size_t)vocab_size, sizeof(char *));
+    tk->lens = (int *)calloc((size_t)vocab_size, sizeof(int));
+    tk->scores = (float *)calloc((size_t)vocab_size, sizeof(float));
+    tk->pool = (char *)malloc((size_t)text);
+    tk->sorted = (TokenIndex *)calloc((size_t)vocab_size, sizeof(TokenIndex));
+    if (!tk->vocab || !tk->lens || !tk->scores || !tk->pool || !tk->sorted) {
+        free_tokenizer(tk);
+        return fail(err, "out of memory loading the tokenizer");
+    }
+    off = 4;
+    char *dst = tk->pool;
+    for (int i = 0; i < vocab_size; i++) {
+        tk->scores[i] = read_f32(data + off);
+        tk->lens[i] = read_i32(data + off + 4);
+        memcpy(dst, data + off + 8, (size_t)tk->lens[i]);
+        dst[tk->lens[i]] = '\0';
+        tk->vocab[i] = dst;
+        dst += tk->lens[i] + 1;
+        off += 8 + (uint64_t)tk->lens[i];
+    }
+    /* Byte fallback: SentencePiece places the 256 byte pieces right after <unk>, <s>, </s>. */
+    tk->byte_fallback = vocab_size >= 259;
+    for (int b = 0; b < 256 && tk->byte_fallback; b++)
+        if (parse_byte_piece(tk->vocab[b + 3], tk->lens[b + 3]) != b) tk->byte_fallback = 0;
+    /* Text lookups skip <unk>, BOS, EOS and the byte pieces: typing "<0x41>" or "<s>" in a prompt
+     * means those characters, not the special token (SentencePiece does the same). */
+    for (int i = 0; i < vocab_size; i++) {
+        if (i <= EOS_ID || (tk->byte_fallback && i < 259)) continue;
+        tk->sorted[tk->n_sorted].str = tk->vocab[i];
+        tk->sorted[tk->n_sorted].len = tk->lens[i];
+        tk->sorted[tk->n_sorted].id = i;
+        tk->n_sorted++;
+    }
+    qsort(tk->sorted, (size_t)tk->n_sorted, sizeof(TokenIndex), compare_tokens);
+    for (int b = 0; b < 256; b++) {
+        tk->byte_pieces[2 * b] = (unsigned char)b;
+        tk->byte_pieces[2 * b + 1] = '\0';
+    }
+    return 0;
+}
+
+/* The text of `token` for printing. After BOS, SentencePiece drops the leading space of the first
+ * piece (it was the dummy prefix added by encode). Byte pieces "<0xAB>" become the raw byte. */
+static const char *decode_piece(const Tokenizer *tk, int prev_token, int token) {
+    if (token < 0 || token >= tk->vocab_size) return "";
+    const char *piece = tk->vocab[token];
+    int len = tk->lens[token];
+    if (prev_token == BOS_ID && len > 0 && piece[0] == ' ') piece++, len--;
+    int byte = parse_byte_piece(piece, len);
+    if (byte >= 0) return (const char *)tk->byte_pieces + 2 * byte;
+    return piece;
+}
+
+/* Encode `text` into token ids, the way SentencePiece BPE does with a dummy prefix:
+ *   1. prepend a space (so " the" at the start and in the middle tokenize alike),
+ *   2. split into UTF-8 characters; a character missing from the vocabulary becomes its bytes
+ *      (byte fallback, ids 3 + byte) or <unk> (id 0) when the vocabulary has no byte pieces,
+ *   3. repeatedly merge the adjacent pair whose concatenation is the highest-scoring piece
+ *      (leftmost pair on ties) until no pair merges.
+ * `out` must hold strlen(text) + 3 ids (each byte yields at most one id, plus prefix, BOS, EOS).
+ * Returns the number of ids, or -1. */
+static int encode(const Tokenizer *tk, const char *text, int bos, int eos, int *out, int max_out, Err *err) {
+    if (!text) return fail(err, "encode: text is NULL; pass a string (\"\" for none)");
+    size_t text_len = strlen(text);
+    if ((uint64_t)text_len + 3 > (uint64_t)max_out)
+        return fail(err, "encode: output buffer holds %d ids but a text of %zu bytes may need %zu; pass a "
+                         "larger buffer", max_out, text_len, text_len + 3);
+    int n = 0;
+    int *ids = out;
+    /* Each id is paired with the id its merge with the right neighbour would give and that piece's
+     * score, so a merge step only recomputes the two neighbours of the merged pair. */
+    int *merge_id = (int *)malloc((text_len + 3) * sizeof(int));
+    float *merge_score = (float *)malloc((text_len + 3) * sizeof(float));
+    char *buf = (char *)malloc((size_t)tk->max_token_length * 2 + 1);
+    if (!merge_id || !merge_score || !buf) {
+        free(merge_id), free(merge_score), free(buf);
+        return fail(err, "encode: out of memory");
+    }
+    int n_bos = 0;
+    if (bos && tk->vocab_size > BOS_ID) ids[n++] = BOS_ID, n_bos = 1;
+    if (text_len > 0) {
+        int space = lookup_piece(tk, " ", 1);
+        if (space < 0) space = tk->byte_fallback ? ' ' + 3 : UNK_ID;
+        ids[n++] = space;
+    }
+    for (size_t i = 0; i < text_len;) {
+        /* one UTF-8 character: a lead byte and up to 3 continuation bytes (10xxxxxx) */
+        size_t clen = 1;
+        while (clen < 4 && i + clen < text_len && ((unsigned char)text[i + clen] & 0xC0) == 0x80) clen++;
+        int id = lookup_piece(tk, text + i, (int)clen);
+        if (id >= 0) {
+            ids[n++] = id;
+        } else if (tk->byte_fallback) {
+            for (size_t b = 0; b < clen; b++) ids[n++] = (unsigned char)text[i + b] + 3;
+        } else {
+            ids[n++] = UNK_ID;
+        }
+        i += clen;
+    }
+
+    /* BPE merges. A pair can merge only if both sides are ordinary pieces (not BOS, <unk>, bytes). */
+#define MERGEABLE(id) ((id) > EOS_ID && !(tk->byte_fallback && (id) < 259))
+#define PAIR(i)                                                                                      \
+    do {                                                                                             \
+        merge_id[i] = -1;                                                                            \
+        int a_ = ids[i], b_ = ids[(i) + 1];                                                          \
+        if (MERGEABLE(a_) && MERGEABLE(b_) && tk->lens[a_] + tk->lens[b_] <= tk->max_token_length) { \
+            memcpy(buf, tk->vocab[a_], (size_t)tk->lens[a_]);                                        \
+            memcpy(buf + tk->lens[a_], tk->vocab[b_], (size_t)tk->lens[b_]);                         \
+            int m_ = lookup_piece(tk, buf, tk->lens[a_] + tk->lens[b_]);                             \
+            if (m_ >= 0) merge_id[i] = m_, merge_score[i] = tk->scores[m_];                          \
+        }                                                                                            \
+    } while (0)
+    for (int i = n_bos; i + 1 < n; i++) PAIR(i);
+    for (;;) {
+        int best = -1;
+        for (int i = n_bos; i + 1 < n; i++)
+            if (merge_id[i] >= 0 && (best < 0 || merge_score[i] > merge_score[best])) best = i;
+        if (best < 0) break;
+        ids[best] = merge_id[best];
+        memmove(ids + best + 1, ids + best + 2, (size_t)(n - best - 2) * sizeof(int));
+        memmove(merge_id + best + 1, merge_id + best + 2, (size_t)(n - best - 2) * sizeof(int));
+        memmove(merge_score + best + 1, merge_score + best + 2, (size_t)(n - best - 2) * sizeof(float));
+        n--;
+        if (best > n_bos) PAIR(best - 1);
+        if (best + 1 < n) PAIR(best);
+        else merge_id[best] = -1;
+    }
+#undef PAIR
+#undef MERGEABLE
+    if (eos && tk->vocab_size > EOS_ID) ids[n++] = EOS_ID;
+    free(merge_id), free(merge_score), free(buf);
+    return n;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Sampler: greedy (temperature 0), or temperature + top-p (nucleus) sampling.
+ */
+
+typedef struct {
+    float prob;
+    int index;
+} ProbIndex;
+
+typedef struct {
+    int vocab_size;
+    ProbIndex *probindex; /* scratch for top-p */
+    float temperature;
+    float topp;
+    unsigned long long rng_state;
+} Sampler;
+
+/* xorshift64* : a small, fast generator; the same seed gives the same text on every machine. */
+static uint32_t random_u32(unsigned long long *state) {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+static float random_f32(unsigned long long *state) { /* uniform in [0, 1) */
+    return (float)(random_u32(state) >> 8) / 16777216.0f;
+}
+
+static int argmax(const float *p, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (p[i] > p[best]) best = i;
+    return best;
+}
+
+/* Sample from probabilities p (summing to 1) using a uniform coin in [0, 1). */
+static int sample_mult(const float *p, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += p[i];
+        if (coin < cdf) return i;
+    }
+    return n - 1; /* rounding left the cdf just below 1 */
+}
+
+static int compare_prob_desc(const void *a, const void *b) {
+    float pa = ((const ProbIndex *)a)->prob, pb = ((const ProbIndex *)b)->prob;
+    return pa > pb ? -1 : (pa < pb ? 1 : 0);
+}
+
+/* Top-p: sample only from the smallest set of most likely tokens whose probability reaches topp. */
+static int sample_topp(const float *p, int n, float topp, ProbIndex *pi, float coin) {
+    /* Tokens below (1 - topp) / (n - 1) can never be needed to reach topp: skip them before sorting. */
+    float cutoff = n > 1 ? (1.0f - topp) / (float)(n - 1) : 0.0f;
+    int n0 = 0;
+    for (int i = 0; i < n; i++)
+        if (p[i] >= cutoff) pi[n0].index = i, pi[n0].prob = p[i], n0++;
+    if (n0 == 0) return argmax(p, n); /* only with NaN probabilities */
+    qsort(pi, (size_t)n0, sizeof(ProbIndex), compare_prob_desc);
+    float cum = 0.0f;
+    int last = n0 - 1;
+    for (int i = 0; i < n0; i++) {
+        cum += pi[i].prob;
+        if (cum > topp) {
+            last = i;
+            break;
+        }
+    }
+    float r = coin * cum, cdf = 0.0f;
+    for (int i = 0; i <= last; i++) {
+        cdf += pi[i].prob;
+        if (r < cdf) return pi[i].index;
+    }
+    return pi[last].index;
+}
+
+static int build_sampler(Sampler *s, int vocab_size, float temperature, float topp,
+                         unsigned long long seed, Err *err) {
+    s->vocab_size = vocab_size;
+    s->temperature = temperature;
+    s->topp = topp;
+    s->rng_state = seed ? seed : (unsigned long long)time(NULL) ^ 0x9E3779B97F4A7C15ull;
+    if (s->rng_state == 0) s->rng_state = 1; /* xorshift must not start at 0 */
+    s->probindex = (ProbIndex *)malloc((size_t)vocab_size * sizeof(ProbIndex));
+    if (!s->probindex) return fail(err, "out of memory allocating the sampler");
+    return 0;
+}
+
+static void free_sampler(Sampler *s) {
+    free(s->probindex);
+    s->probindex = NULL;
+}
+
+/* Pick the next token from logits (modified in place). */
+static int sample(Sampler *s, float *logits) {
+    if (s->temperature == 0.0f) return argmax(logits, s->vocab_size);
+    for (int i = 0; i < s->vocab_size; i++) logits[i] /= s->temperature;
+    softmax(logits, s->vocab_size);
+    float coin = random_f32(&s->rng_state);
+    if (s->topp <= 0.0f || s->topp >= 1.0f) return sample_mult(logits, s->vocab_size, coin);
+    return sample_topp(logits, s->vocab_size, s->topp, s->probindex, coin);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Generation
+ */
+
+static double now_seconds(void) {
+#if defined(_WIN32)
+    struct timespec ts;
+    timespec_get(&ts, TIME_UTC);
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+#endif
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+typedef void (*PieceFn)(const char *piece, void *user);
+
+/* Feed the prompt, then sample until `steps` positions are filled or the model emits BOS/EOS.
+ * `steps` counts all positions, prompt included (as in llama2.c); 0 means the whole context.
+ * Each new token's text goes to on_piece (the prompt's pieces too when echo_prompt is set); new ids
+ * go to out_tokens. Returns the number of new tokens, or -1. */
+static int generate(Transformer *t, const Tokenizer *tk, Sampler *sampler, const char *prompt, int steps,
+                    int echo_prompt, PieceFn on_piece, void *user, int *out_tokens, int max_out,
+                    int *prompt_ids, int *n_prompt_out, double *tok_per_s, double *cpu_tok_per_s, Err *err) {
+    const Config *c = &t->config;
+    if (steps < 0) return fail(err, "steps = %d must be >= 0 (0 = the model's seq_len, %d)", steps, c->seq_len);
+    if (steps == 0 || steps > c->seq_len) steps = c->seq_len;
+    if (!prompt) prompt = "";
+    size_t plen = strlen(prompt);
+    if (plen > MAX_PROMPT_BYTES)
+        return fail(err, "prompt is %zu bytes; the limit is %d bytes: shorten it", plen, MAX_PROMPT_BYTES);
+    if (plen > 0 && !tk) return fail(err, "a prompt needs a tokenizer: open the model with a tokenizer.bin");
+    int *ids = (int *)malloc((plen + 3) * sizeof(int));
+    if (!ids) return fail(err, "out of memory");
+    int n_prompt;
+    if (tk) {
+        n_prompt = encode(tk, prompt, 1, 0, ids, (int)plen + 3, err);
+        if (n_prompt < 0) {
+            free(ids);
+            return -1;
+        }
+    } else {
+        n_prompt = 0;
+    }
+    if (n_prompt == 0) { /* no tokenizer, or a vocabulary too small to have BOS: start from BOS or 0 */
+        ids[0] = BOS_ID < c->vocab_size ? BOS_ID : 0;
+        n_prompt = 1;
+    }
+    if (n_prompt > c->seq_len || n_prompt >= steps) {
+        fail(err, "the prompt is %d tokens (with BOS) but only %d positions are allowed (-n steps, at most "
+                  "seq_len = %d), which leaves no room to generate: shorten the prompt or raise -n",
+             n_prompt, steps, c->seq_len);
+        free(ids);
+        return -1;
+    }
+    if (prompt_ids) memcpy(prompt_ids, ids, (size_t)n_prompt * sizeof(int));
+    if (n_prompt_out) *n_prompt_out = n_prompt;
+
+    int token = ids[0], pos = 0, generated = 0;
+    double start = now_seconds();
+    clock_t cpu_start = clock(); /* processor time: unaffected by other programs sharing the CPU */
+    while (pos < steps - 1) {
+        float *logits = forward(t, token, pos);
+        int next;
+        if (pos + 1 < n_prompt) {
+            next = ids[pos + 1]; /* still reading the prompt: force its next token */
+            if (echo_prompt && on_piece && tk) on_piece(decode_piece(tk, token, next), user);
+        } else {
+            next = sample(sampler, logits);
+            if (next == BOS_ID || next == EOS_ID) { pos++; break; } /* the model ended the text */
+            if (out_tokens && generated < max_out) out_tokens[generated] = next;
+            generated++;
+            if (on_piece && tk) on_piece(decode_piece(tk, token, next), user);
+        }
+        token = next;
+        pos++;
+    }
+    double elapsed = now_seconds() - start;
+    double cpu = (double)(clock() - cpu_start) / CLOCKS_PER_SEC;
+    if (tok_per_s) *tok_per_s = elapsed > 0 ? pos / elapsed : 0.0;
+    if (cpu_tok_per_s) *cpu_tok_per_s = cpu > 0 ? pos / cpu : 0.0;
+    free(ids);
+    return generated;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Library mode: a small C API for Python (cffi/ctypes). Compile with -DRUN_LIBRARY.
+ */
+
+typedef struct tt_engine {
+    Transformer transformer;
+    Tokenizer tokenizer;
+    int has_tokenizer;
+} tt_engine;
+
+#if defined(_WIN32)
+#define TT_API __declspec(dllexport)
+#else
+#define TT_API __attribute__((visibility("default")))
+#endif
+
+/* Build an engine from a model file (and optionally a tokenizer) held in memory; both buffers may
+ * be freed afterwards. Returns NULL with a message in err on failure. */
+TT_API tt_engine *tt_open_memory(const void *model, size_t model_len, const void *tokenizer,
+                                 size_t tokenizer_len, char *errbuf, int errlen) {
+    Err err = {errbuf, errlen};
+    if (errbuf && errlen > 0) errbuf[0] = '\0';
+    if (!model) {
+        fail(&err, "no model data given");
+        return NULL;
+    }
+    tt_engine *e = (tt_engine *)calloc(1, sizeof(tt_engine));
+    if (!e) {
+        fail(&err, "out of memory");
+        return NULL;
+    }
+    if (build_transformer(&e->transformer, (const unsigned char *)model, model_len, &err)) {
+        free(e);
+        return NULL;
+    }
+    if (tokenizer) {
+        if (parse_tokenizer(&e->tokenizer, (const unsigned char *)tokenizer, tokenizer_len,
+                            e->transformer.config.vocab_size, &err)) {
+            free_transformer(&e->transformer);
+            free(e);
+            return NULL;
+        }
+        e->has_tokenizer = 1;
+    }
+    return e;
+}
+
+TT_API tt_engine *tt_open(const char *model_path, const char *tokenizer_path, char *errbuf, int errlen) {
+    Err err = {errbuf, errlen};
+    if (errbuf && errlen > 0) errbuf[0] = '\0';
+    uint64_t size = 0;
+    unsigned char *data = read_file(model_path, "model file", &size, &err);
+    if (!data) return NULL;
+    tt_engine *e = (tt_engine *)calloc(1, sizeof(tt_engine));
+    if (!e) {
+        free(data);
+        fail(&err, "out of memory");
+        return NULL;
+    }
+    int bad = build_transformer(&e->transformer, data, size, &err);
+    free(data);
+    if (bad) {
+        free(e);
+        return NULL;
+    }
+    if (tokenizer_path) {
+        uint64_t tsize = 0;
+        unsigned char *tdata = read_file(tokenizer_path, "tokenizer file", &tsize, &err);
+        int bad = !tdata || parse_tokenizer(&e->tokenizer, tdata, tsize, e->transformer.config.vocab_size, &err);
+        free(tdata);
+        if (bad) {
+            free_transformer(&e->transformer);
+            free(e);
+            return NULL;
+        }
+        e->has_tokenizer = 1;
+    }
+    return e;
+}
+
+TT_API void tt_close(tt_engine *e) {
+    if (!e) return;
+    free_transformer(&e->transformer);
+    free_tokenizer(&e->tokenizer);
+    free(e);
+}
+
+/* dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len. Returns 0, or -1 if NULL. */
+TT_API int tt_config(const tt_engine *e, int *out7) {
+    if (!e || !out7) return -1;
+    const Config *c = &e->transformer.config;
+    out7[0] = c->dim, out7[1] = c->hidden_dim, out7[2] = c->n_layers, out7[3] = c->n_heads;
+    out7[4] = c->n_kv_heads, out7[5] = c->vocab_size, out7[6] = c->seq_len;
+    return 0;
+}
+
+/* The rest of the configuration: version (0 = llama2.c, 1 = extended), weight type (0 fp32, 1 q8_0),
+ * group size, flags (1 shared classifier, 2 QK-norm), head_rows, sliding window, and three floats:
+ * norm_eps, rope_theta, logit_softcap. Returns 0, or -1 if NULL. */
+TT_API int tt_config_ext(const tt_engine *e, int *out6, float *out3) {
+    if (!e || !out6 || !out3) return -1;
+    const Config *c = &e->transformer.config;
+    out6[0] = c->version, out6[1] = c->weight_type, out6[2] = c->group_size;
+    out6[3] = (c->shared_classifier ? FLAG_SHARED_CLASSIFIER : 0) | (c->qk_norm ? FLAG_QK_NORM : 0);
+    out6[4] = c->head_rows, out6[5] = c->sliding_window;
+    out3[0] = c->norm_eps, out3[1] = (float)c->rope_theta, out3[2] = c->logit_softcap;
+    return 0;
+}
+
+TT_API int tt_forward_all(tt_engine *e, const int *tokens, int n, float *out_logits, char *errbuf, int errlen) {
+    Err err = {errbuf, errlen};
+    if (!e || !tokens || !out_logits) return fail(&err, "tt_forward_all: NULL argument");
+    const Config *c = &e->transformer.config;
+    if (n <= 0 || n > c->seq_len)
+        return fail(&err, "tt_forward_all: %d tokens given; pass 1..seq_len (%d) tokens", n, c->seq_len);
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= c->vocab_size)
+            return fail(&err, "tt_forward_all: token %d at position %d is outside the vocabulary "
+                              "(0..%d); encode with the model's tokenizer", tokens[i], i, c->vocab_size - 1);
+    for (int i = 0; i < n; i++) { /* positions 0..n-1 overwrite the cache, so earlier calls don't matter */
+        float *logits = forward(&e->transformer, tokens[i], i);
+        memcpy(out_logits + (size_t)i * c->vocab_size, logits, (size_t)c->vocab_size * sizeof(float));
+    }
+    return 0;
+}
+
+TT_API int tt_encode(tt_engine *e, const char *text, int bos, int eos, int *out, int max_out, char *errbuf,
+                     int errlen) {
+    Err err = {errbuf, errlen};
+    if (!e || !out) return fail(&err, "tt_encode: NULL argument");
+    if (!e->has_tokenizer) return fail(&err, "no tokenizer loaded: pass a tokenizer.bin path to tt_open");
+    return encode(&e->tokenizer, text, bos, eos, out, max_out, &err);
+}
+
+/* The text of `token` when it follows `prev_token` (see decode_piece). Never NULL: "" for an id
+ * outside the vocabulary or when no tokenizer is loaded. Valid until tt_close. */
+TT_API const char *tt_decode_piece(tt_engine *e, int prev_token, int token) {
+    if (!e || !e->has_tokenizer) return "";
+    return decode_piece(&e->tokenizer, prev_token, token);
+}
+
+/* Generate from `prompt` (see generate): steps counts all positions, prompt included, 0 = seq_len;
+ * temperature 0 = greedy; seed 0 = seeded from the clock. on_piece receives the text of each new
+ * token only (not the prompt), as raw bytes: a multi-byte character may arrive split over byte
+ * pieces. Generation stops early if the model emits BOS or EOS. Returns the number of new tokens
+ * (at most max_out of them are stored) or -1. */
+TT_API int tt_generate(tt_engine *e, const char *prompt, int steps, float temperature, float topp,
+                       unsigned long long seed, void (*on_piece)(const char *, void *), void *user,
+                       int *out_tokens, int max_out, double *tok_per_s, char *errbuf, int errlen) {
+    Err err = {errbuf, errlen};
+    if (!e) return fail(&err, "tt_generate: engine is NULL");
+    if (!(temperature >= 0.0f) || !isfinite(temperature))
+        return fail(&err, "temperature = %g must be a finite number >= 0 (0 = greedy)", temperature);
+    if (!(topp > 0.0f && topp <= 1.0f))
+        return fail(&err, "top-p = %g must lie in (0, 1] (1 = no nucleus cut)", topp);
+    if (max_out < 0) return fail(&err, "max_out = %d must be >= 0", max_out);
+    Sampler sampler;
+    if (build_sampler(&sampler, e->transformer.config.vocab_size, temperature, topp, seed, &err)) return -1;
+    int n = generate(&e->transformer, e->has_tokenizer ? &e->tokenizer : NULL, &sampler, prompt, steps, 0,
+                     on_piece, user, out_tokens, max_out, NULL, NULL, tok_per_s, NULL, &err);
+    free_sampler(&sampler);
+    return n;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Command line (compiled unless RUN_LIBRARY is defined; the fuzz driver defines RUN_FUZZ to test the
+ * option parser in-process)
+ */
+
+#if !defined(RUN_LIBRARY) || defined(RUN_FUZZ)
+
+typedef struct {
+    const char *checkpoint;
+    const char *tokenizer;
+    float temperature;
+    float topp;
+    unsigned long long seed;
+    int steps;
+    const char *prompt;
+    const char *mode;
+    const char *system_prompt;
+    int verbose;
+} Options;
+
+static const char *USAGE =
+    "Usage:   run <model.bin> [options]\n"
+    "Example: run model.bin -z tokenizer.bin -n 256 -i \"ROMEO:\"\n"
+    "Options:\n"
+    "  -t <float>  temperature, >= 0 (0 = greedy argmax), default 1.0\n"
+    "  -p <float>  top-p (nucleus) in (0, 1], default 0.9 (1 = off)\n"
+    "  -s <int>    random seed, >= 0 (0 = from the clock), default 0\n"
+    "  -n <int>    positions to run, prompt included, >= 0 (0 = seq_len; clamped to seq_len), default 256\n"
+    "  -i <string> prompt\n"
+    "  -z <path>   tokenizer.bin, default tokenizer.bin\n"
+    "  -m <mode>   generate|chat, default generate\n"
+    "  -y <string> system prompt (chat mode)\n"
+    "  -v <0|1>    1: also print tok/s in processor time and the prompt and generated token ids\n"
+    "              on stderr\n";
+
+static int parse_float(const char *s, float *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end != '\0' || errno == ERANGE || !isfinite(v)) return -1;
+    *out = (float)v;
+    return 0;
+}
+
+static int parse_int(const char *s, long long lo, long long hi, long long *out) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (end == s || *end != '\0' || errno == ERANGE || v < lo || v > hi) return -1;
+    *out = v;
+    return 0;
+}
+
+/* Parse argv into opts. Returns 0, 1 for --help, or -1 with a message. */
+static int parse_args(int argc, char **argv, Options *o, Err *err) {
+    o->checkpoint = NULL, o->tokenizer = "tokenizer.bin", o->temperature = 1.0f, o->topp = 0.9f;
+    o->seed = 0, o->steps = 256, o->prompt = NULL, o->mode = "generate", o->system_prompt = NULL;
+    o->verbose = 0;
+    if (argc < 2) return fail(err, "no model file given\n%s", USAGE);
+    if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) return 1;
+    if (argv[1][0] == '-') return fail(err, "the first argument must be the model file, got '%s'\n%s", argv[1], USAGE);
+    o->checkpoint = argv[1];
+    for (int i = 2; i < argc; i += 2) {
+        const char *flag = argv[i];
+        if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) return 1;
+        if (flag[0] != '-' || strlen(flag) != 2)
+            return fail(err, "unexpected argument '%s': options are a dash and one letter followed by a "
+                             "value, e.g. -n 256\n%s", flag, USAGE);
+        if (i + 1 >= argc) return fail(err, "option %s needs a value\n%s", flag, USAGE);
+        const char *val = argv[i + 1];
+        long long iv;
+        switch (flag[1]) {
+        case 't':
+            if (parse_float(val, &o->temperature) || o->temperature < 0.0f)
+                return fail(err, "invalid -t '%s': temperature must be a number >= 0 (0 = greedy)", val);
+            break;
+        case 'p':
+            if (parse_float(val, &o->topp) || !(o->topp > 0.0f && o->topp <= 1.0f))
+                return fail(err, "invalid -p '%s': top-p must be a number in (0, 1], e.g. 0.9", val);
+            break;
+        case 's':
+            if (val[0] == '-' || parse_int(val, 0, LLONG_MAX, &iv))
+                return fail(err, "invalid -s '%s': the seed must be an integer >= 0", val);
+            o->seed = (unsigned long long)iv;
+            break;
+        case 'n':
+            if (parse_int(val, 0, INT_MAX, &iv))
+                return fail(err, "invalid -n '%s': steps must be an integer >= 0 (0 = the model's seq_len)", val);
+            o->steps = (int)iv;
+            break;
+        case 'i': o->prompt = val; break;
+        case 'z': o->tokenizer = val; break;
+        case 'y': o->system_prompt = val; break;
+        case 'm':
+            if (strcmp(val, "generate") && strcmp(val, "chat"))
+                return fail(err, "invalid -m '%s': the mode must be generate or chat", val);
+            o->mode = val;
+            break;
+        case 'v':
+            if (parse_int(val, 0, 1, &iv)) return fail(err, "invalid -v '%s': use 0 or 1", val);
+            o->verbose = (int)iv;
+            break;
+        default:
+            return fail(err, "unknown option '%s'\n%s", flag, USAGE);
+        }
+    }
+    return 0;
+}
+
+#endif /* !RUN_LIBRARY || RUN_FUZZ */
+
+#ifndef RUN_LIBRARY
+
+/* Print a piece, skipping lone control bytes (raw byte tokens such as 0x07 would garble a terminal). */
+static void print_piece(const char *piece, void *user) {
+    (void)user;
+    if (!piece || !piece[0]) return;
+    if (!piece[1]) {
+        unsigned char b = (unsigned char)piece[0];
+        if (b < 0x80 && !(isprint(b) || isspace(b))) return;
+    }
+    fputs(piece, stdout);
+    fflush(stdout);
+}
+
+static int die(const char *msg) {
+    fprintf(stderr, "error: %s\n", msg);
+    return 1;
+}
+
+/* Read one line from stdin into buf (newline removed). Returns 0, 1 at end of input, -1 if too long. */
+static int read_line(const char *label, char *buf, size_t size) {
+    printf("%s", label);
+    fflush(stdout);
+    if (!fgets(buf, (int)size, stdin)) return 1;
+    size_t len = strlen(buf);
+    if (len > 0 && buf[len - 1] == '\n') {
+        buf[--len] = '\0';
+    } else if (len == size - 1) {
+        int ch;
+        while ((ch = getchar()) != '\n' && ch != EOF) {}
+        return -1;
+    }
+    return 0;
+}
+
+/* Chat in the Llama 2 chat format: [INST] <<SYS>>\nsystem\n<</SYS>>\n\nuser [/INST] answer </s> */
+static int chat(Transformer *t, const Tokenizer *tk, Sampler *sampler, const char *cli_user,
+                const char *cli_system, int steps, Err *err) {
+    enum { LINE = 4096 };
+    char system_prompt[LINE], user_prompt[LINE];
+    char rendered[2 * LINE + 64];
+    int *ids = (int *)malloc((sizeof(rendered) + 3) * sizeof(int));
+    if (!ids) return fail(err, "out of memory");
+    if (steps == 0 || steps > t->config.seq_len) steps = t->config.seq_len;
+    int user_turn = 1, n_ids = 0, idx = 0, token = 0, next = 0, pos = 0;
+    while (pos < steps) {
+        if (user_turn) {
+            system_prompt[0] = '\0';
+            if (pos == 0) {
+                if (cli_system) {
+                    if (strlen(cli_system) >= LINE) {
+                        free(ids);
+                        return fail(err, "system prompt is longer than %d bytes; shorten it", LINE - 1);
+                    }
+                    strcpy(system_prompt, cli_system);
+                } else {
+                    int r = read_line("Enter system prompt (optional): ", system_prompt, LINE);
+                    if (r > 0) break;
+                    if (r < 0) {
+                        free(ids);
+                        return fail(err, "system prompt is longer than %d bytes; shorten it", LINE - 2);
+                    }
+                }
+            }
+            if (pos == 0 && cli_user) {
+                if (strlen(cli_user) >= LINE) {
+                    free(ids);
+                    return fail(err, "prompt is longer than %d bytes; shorten it", LINE - 1);
+                }
+                strcpy(user_prompt, cli_user);
+            } else {
+                int r = read_line("User: ", user_prompt, LINE);
+                if (r > 0) break;
+                if (r < 0) {
+                    fprintf(stderr, "(input longer than %d bytes ignored; type a shorter message)\n", LINE - 2);
+                    continue;
+                }
+            }
+            if (pos == 0 && system_prompt[0])
+                snprintf(rendered, sizeof(rendered), "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", system_prompt,
+                         user_prompt);
+            else
+                snprintf(rendered, sizeof(rendered), "[INST] %s [/INST]", user_prompt);
+            n_ids = encode(tk, rendered, 1, 0, ids, (int)sizeof(rendered) + 3, err);
+            if (n_ids < 0) {
+                free(ids);
+                return -1;
+            }
+            if (pos + n_ids >= steps) {
+                printf("\n(context is full: %d of %d positions used)\n", pos, steps);
+                break;
+            }
+            user_turn = 0, idx = 0;
+            printf("Assistant: ");
+        }
+        token = idx < n_ids ? ids[idx++] : next;
+        /* The answer's EOS is fed to the model too (the format is "... answer </s><s>[INST] ..."),
+         * then the user speaks again. */
+        if (token == EOS_ID) user_turn = 1;
+        float *logits = forward(t, token, pos);
+        next = sample(sampler, logits);
+        pos++;
+        if (idx >= n_ids && next != EOS_ID) print_piece(decode_piece(tk, token, next), NULL);
+        if (idx >= n_ids && next == EOS_ID) printf("\n");
+    }
+    printf("\n");
+    free(ids);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    char msg[2048];
+    Err err = {msg, (int)sizeof(msg)};
+    Options o;
+    int r = parse_args(argc, argv, &o, &err);
+    if (r == 1) {
+        printf("%s", USAGE);
+        return 0;
+    }
+    if (r) return die(msg);
+
+    Transformer t;
+    Tokenizer tk;
+    Sampler sampler;
+    uint64_t size = 0;
+    unsigned char *data = read_file(o.checkpoint, "model file", &size, &err);
+    if (!data) return die(msg);
+    r = build_transformer(&t, data, size, &err);
+    free(data);
+    if (r) return die(msg);
+    unsigned char *tdata = read_file(o.tokenizer, "tokenizer file", &size, &err);
+    if (!tdata) {
+        free_transformer(&t);
+        snprintf(msg + strlen(msg), sizeof(msg) - strlen(msg), " (pass the tokenizer with -z tokenizer.bin)");
+        return die(msg);
+    }
+    r = parse_tokenizer(&tk, tdata, size, t.config.vocab_size, &err);
+    free(tdata);
+    if (r) {
+        free_transformer(&t);
+        return die(msg);
+    }
+    if (build_sampler(&sampler, t.config.vocab_size, o.temperature, o.topp, o.seed, &err)) {
+        free_transformer(&t), free_tokenizer(&tk);
+        return die(msg);
+    }
+
+    if (!strcmp(o.mode, "generate")) {
+        int steps = o.steps == 0 || o.steps > t.config.seq_len ? t.config.seq_len : o.steps;
+        size_t plen = o.prompt ? strlen(o.prompt) : 0;
+        int *gen = (int *)malloc((size_t)steps * sizeof(int));
+        int *prompt_ids = (int *)malloc((plen + 3) * sizeof(int));
+        int n_prompt = 0;
+        double tps = 0.0, cpu_tps = 0.0;
+        int n = -1;
+        if (gen && prompt_ids) {
+            /* prints the prompt's pieces, then each new piece as it is produced */
+            n = generate(&t, &tk, &sampler, o.prompt, steps, 1, print_piece, NULL, gen, steps, prompt_ids,
+                         &n_prompt, &tps, &cpu_tps, &err);
+        } else {
+            fail(&err, "out of memory");
+        }
+        if (n >= 0) {
+            printf("\n");
+            fprintf(stderr, "achieved tok/s: %f\n", tps);
+            if (o.verbose) {
+                fprintf(stderr, "cpu tok/s: %f (positions per second of processor time)\n", cpu_tps);
+                fprintf(stderr, "prompt tokens:");
+                for (int i = 0; i < n_prompt; i++) fprintf(stderr, " %d", prompt_ids[i]);
+                fprintf(stderr, "\ngenerated tokens:");
+                for (int i = 0; i < n; i++) fprintf(stderr, " %d", gen[i]);
+                fprintf(stderr, "\n");
+            }
+        }
+        free(gen), free(prompt_ids);
+        if (n < 0) r = -1;
+    } else {
+        r = chat(&t, &tk, &sampler, o.prompt, o.system_prompt, o.steps, &err);
+    }
+    free_sampler(&sampler);
+    free_tokenizer(&tk);
+    free_transformer(&t);
+    if (r) {
+        fflush(stdout);
+        return die(msg);
+    }
+    return 0;
+}
+
+#endif /* RUN_LIBRARY */
