@@ -568,3 +568,34 @@ def test_bench_sample_runs_and_reports(tmp_path, capsys):
     assert set(report["speed"]) == {"tiny", "llama_shakespeare_870k"}
     with pytest.raises(ValueError, match="--new-tokens must be >= 1"):
         bench_sample.main(parser.parse_args(["--new-tokens", "0"]))
+
+
+def test_sentencepiece_tokenizer_bos_eos_and_partial_characters(tmp_path):
+    """Subword tokenizers: BOS starts the prompt, EOS ends the text, and a character split over
+    several byte tokens is never streamed half-done (U+FFFD)."""
+    pytest.importorskip("sentencepiece")
+    from tiny_transformer.sentencepiece_tools import SentencePieceTokenizer, train_sentencepiece
+
+    lines = ["ROMEO: But soft, what light through yonder window breaks?",
+             "JULIET: O Romeo, Romeo, wherefore art thou Romeo?",
+             "HAMLET: To be, or not to be, that is the question."] * 30
+    sp = SentencePieceTokenizer.load(train_sentencepiece("\n".join(lines), vocab_size=320,
+                                                         model_prefix=tmp_path / "sp"))
+    model = llama(vocab=320, sharpen=3)
+    gen = TextGenerator(model, sp)
+    result = gen.generate("ROMEO:", max_new_tokens=20, do_sample=False)
+    assert result.prompt_tokens[0] == sp.bos_id and result.prompt_tokens[1:] == sp.encode("ROMEO:")
+    assert result.text == sp.decode(result.prompt_tokens + result.tokens)[len("ROMEO:"):]
+    # EOS (and BOS, which separates documents in llama2.c-style data) end the text by default
+    first = result.tokens[0]
+    ended = gen.generate("ROMEO:", max_new_tokens=20, do_sample=False, eos_token_id=[sp.eos_id, first])
+    assert ended.stop_reason == "eos" and ended.tokens == [] and ended.text == ""
+    # "é" is two byte tokens (byte fallback): the stream holds back the first half
+    from tiny_transformer.sampling import _TextTracker
+
+    e_acute = [3 + b for b in "é".encode()]  # byte b is token 3 + b
+    assert sp.decode(e_acute) == "é" and sp.decode(e_acute[:1]) == "\ufffd"
+    tracker = _TextTracker(sp, sp.encode("ROMEO:"), (), ())
+    pieces = [tracker.add(tok) for tok in sp.encode("caf") + e_acute + sp.encode("!")]
+    assert pieces[-4:] == ["", "é", " ", "!"]  # nothing shown until the character is complete
+    assert "".join(pieces) + tracker.flush() == " café !"

@@ -432,8 +432,9 @@ class _TextTracker:
                 if text.endswith(s[:n]):
                     hold = n
                     break
-        if text.endswith("\ufffd"):
-            hold = max(hold, 1)
+        # Byte-level tokens can end inside a UTF-8 character, which decodes as U+FFFD until the rest
+        # arrives: hold such a tail back (a character has at most 4 bytes).
+        hold = max(hold, min(4, len(text) - len(text.rstrip("\ufffd"))))
         end = max(self.emitted, len(text) - hold)
         chunk, self.emitted = text[self.emitted:end], end
         return chunk
@@ -461,6 +462,12 @@ class TextGenerator:
         speculative_generate(prompt, draft_model, ...)   a small draft model speeds up a large one
 
     After each call, `last_result` holds the result (handy after `stream`).
+
+    The context window: a prompt longer than `model.max_seq_len` keeps only its last tokens (with a
+    warning), and once generation outgrows the context the oldest tokens are dropped (a sliding
+    window, as nanoGPT's `generate` does). Cached keys and values belong to positions that then no
+    longer exist, so with the KV cache the last window is re-run instead: past the context, each new
+    token costs one full forward pass, as without a cache (see `decoding.ModelStepper`).
     """
 
     def __init__(self, model, tokenizer, device: str | torch.device | None = None,
@@ -516,6 +523,8 @@ class TextGenerator:
         bos = self._special("bos")
         if bos is not None and cfg.add_bos is not False:
             ids = [bos] + ids
+        if not ids and bos is not None:
+            raise ValueError("the prompt is empty and add_bos=False; give some text or allow the BOS token")
         if not ids:
             raise ValueError("the prompt is empty and this tokenizer has no BOS token to start from; "
                              "give at least one character, e.g. 'ROMEO:' or a newline")
