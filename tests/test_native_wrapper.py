@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -127,6 +128,20 @@ def test_rebuilt_library_gets_a_new_file_name(tmp_path):
     assert second != first and second.is_file()
     third = build_native(flags=("-O1",), source=source, out_dir=tmp_path)
     assert third not in (first, second)
+
+
+@needs_cc
+def test_cdef_matches_run_c(tmp_path):
+    """cffi's ABI mode trusts our declarations blindly; the C compiler checks them against run.c.
+
+    Redeclaring a function with different types is a compile error ("conflicting types"), so a
+    file that includes run.c and then our CDEF compiles only if every signature matches.
+    """
+    check = tmp_path / "check_cdef.c"
+    check.write_text(f'#include "{run_c_path().resolve()}"\n{native.CDEF}\n', encoding="utf-8")
+    proc = subprocess.run([*find_compiler(), "-fsyntax-only", "-DRUN_LIBRARY", str(check)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"native.CDEF does not match run.c:\n{proc.stderr}"
 
 
 @needs_cc
