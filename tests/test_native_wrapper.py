@@ -311,6 +311,7 @@ def test_streaming_yields_the_same_text(engine):
     assert isinstance(stream, NativeStream)
     pieces = list(stream)
     assert len(pieces) > 3 and "".join(pieces) == whole.text
+    assert list(stream) == []  # consumed: a second loop ends at once
     assert stream.result.tokens == whole.tokens
     seen = []
     via_callback = engine.generate("Shall I", stream=seen.append, **kwargs)

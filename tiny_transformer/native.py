@@ -285,6 +285,7 @@ class NativeStream:
         self._queue: queue.Queue = queue.Queue()
         self._done = object()
         self._error: BaseException | None = None
+        self._consumed = False
 
         def work():
             try:
@@ -298,6 +299,9 @@ class NativeStream:
         self._thread.start()
 
     def __iter__(self) -> Iterator[str]:
+        if self._consumed:  # a second loop has nothing left to yield (and must not wait forever)
+            return
+        self._consumed = True
         try:
             while True:
                 item = self._queue.get()
