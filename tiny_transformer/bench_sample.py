@@ -108,7 +108,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
-    where = f"{device.type}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    threads = torch.get_num_threads()
+    where = f"cpu, {threads} thread{'s' if threads > 1 else ''}" if device.type == "cpu" else str(device)
 
     model, tok, prompt = bench_model(args.preset, device)
     if args.new_tokens > model.max_seq_len:  # the prompt token + all new tokens but the last are fed
