@@ -48,7 +48,7 @@
  * they compile to SIMD instructions (AVX-512, AVX2, SSE, NEON) without -ffast-math, because each
  * lane is an independent computation. Other compilers get plain loops.
  */
-#if defined(__GNUC__) || defined(__clang__)
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(RUN_NO_VECTORS) /* -DRUN_NO_VECTORS: plain C */
 #define HAVE_VEC 1
 #if defined(__AVX512F__)
 #define VLEN 16 /* floats per vector: the widest registers the target has */

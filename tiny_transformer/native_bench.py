@@ -126,9 +126,10 @@ def build_run(flags=None) -> Path:
 
 
 def write_plain_tokenizer(path, vocab_size: int) -> Path:
-    """A valid tokenizer.bin for `vocab_size` ids: <unk>, BOS, EOS, the 256 byte pieces, then
-    placeholder pieces "t259", "t260", ... (benchmarks and tests need one; its text is meaningless)."""
-    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)]
+    """A valid tokenizer.bin for `vocab_size` ids: <unk>, BOS, EOS, the 256 byte pieces, a space,
+    then placeholder pieces "t260", "t261", ... (benchmarks and tests need one; its text is
+    meaningless)."""
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)] + [b" "]
     pieces = pieces[:vocab_size] + [f"t{i}".encode() for i in range(len(pieces), vocab_size)]
     path = Path(path)
     with open(path, "wb") as f:
