@@ -430,3 +430,37 @@ def test_sample_callback_and_live_plot_in_a_terminal(data, tmp_path, capsys):
                            "wsd": TrainerConfig(max_steps=50, warmup_steps=5, schedule="stable_cooldown")})
     assert len(ax.lines) == 2 and len(ax.lines[0].get_xdata()) == 50
     plt.close("all")
+
+
+def test_every_preset_has_a_valid_training_section():
+    from tiny_transformer.config import list_presets, load_preset
+
+    for name in list_presets():
+        preset = load_preset(name)
+        assert "training" in preset, f"preset {name} has no training section"
+        cfg = TrainerConfig.from_dict(preset["training"])
+        cfg.validate(preset["model"].get("max_seq_len"))
+
+
+def test_bf16_autocast_on_cpu(data, tmp_path):
+    tok, train, val = data
+    cfg = tiny_config(tmp_path, precision="bf16", max_steps=3, eval_interval=3, save_checkpoints=False)
+    trainer = Trainer(tiny_model(tok.vocab_size), cfg, train, val, tok)
+    assert trainer.precision == "bf16" and not trainer.scaler.is_enabled()  # bf16 needs no loss scaling
+    summary = trainer.train()
+    assert math.isfinite(summary["val_loss"])
+    assert next(trainer.raw_model.parameters()).dtype == torch.float32  # weights stay float32
+
+
+def test_failed_compile_falls_back_to_eager(data, tmp_path, capsys):
+    tok, train, val = data
+    cfg = tiny_config(tmp_path, max_steps=2, eval_interval=2, verbose=True, save_checkpoints=False)
+    trainer = Trainer(tiny_model(tok.vocab_size), cfg, train, val, tok)
+
+    def broken_compiled_model(*args, **kwargs):
+        raise RuntimeError("C++ compiler not found (simulated)")
+
+    trainer.model = broken_compiled_model  # what a failing torch.compile wrapper does on its first call
+    trainer.train()
+    assert "torch.compile failed (RuntimeError: C++ compiler not found (simulated))" in capsys.readouterr().out
+    assert trainer.model is trainer.raw_model and trainer.step == 2

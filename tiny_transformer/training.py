@@ -46,6 +46,7 @@ _clock = time.perf_counter
 SCHEDULES = ("cosine", "stable_cooldown", "constant")
 OPTIMIZERS = ("adamw", "muon")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOG_KEYS = ("step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed")  # one JSON line per log step
 
 
 class TrainingDiverged(RuntimeError):
@@ -725,20 +726,34 @@ class Trainer:
         self.logger.log({"step": self.step + 1, "event": "diverged", "message": msg})
         return TrainingDiverged(msg)
 
+    def _forward_loss(self, x, y) -> torch.Tensor:
+        try:
+            with self.autocast:
+                return self.model(x, y)[1]
+        except Exception as exc:
+            if self.model is self.raw_model or self.step > 0:
+                raise
+            # torch.compile needs a working compiler toolchain; without one, train eagerly instead.
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            self.print(f"torch.compile failed ({type(exc).__name__}: {first_line}); training continues "
+                       "without it (set training.compile=false to skip the attempt)")
+            self.model = self.raw_model
+            with self.autocast:
+                return self.model(x, y)[1]
+
     def train_step(self, batches=None) -> float:
         """One optimizer step over `grad_accum_steps` micro-batches; returns the mean loss.
 
         `batches` (a list of (x, y) pairs) replaces the sampler, e.g. to check that accumulating two
         half batches equals one full batch.
         """
-        self.model.train()
+        self.raw_model.train()
         if batches is None:
             batches = [self.sampler.next_batch(self.device) for _ in range(self.config.grad_accum_steps)]
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for x, y in batches:
-            with self.autocast:
-                _, loss = self.model(x, y)
+            loss = self._forward_loss(x, y)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise self._diverged(f"the loss became {loss_value}")
@@ -770,7 +785,7 @@ class Trainer:
         if data is None:
             raise ValueError("no validation data was given to the Trainer; pass val_data to evaluate 'val'")
         sampler = RandomBatchSampler(data, self.config.batch_size, self.seq_len, seed=self.config.seed + 1)
-        self.model.eval()
+        self.raw_model.eval()
         losses = []
         try:
             for _ in range(batches or self.config.eval_batches):
@@ -779,7 +794,7 @@ class Trainer:
                     _, loss = self.model(x, y)
                 losses.append(loss.item())
         finally:
-            self.model.train()
+            self.raw_model.train()
         return sum(losses) / len(losses)
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -915,7 +930,7 @@ class Trainer:
                                    "tokens_per_s": rate, "elapsed": now - t0})
                     if evaluate_now:
                         self._evaluate_and_save(record)
-                    self.logger.log({**{"val_loss": None}, **record})
+                    self.logger.log({k: record.get(k) for k in LOG_KEYS})
                     self._pbar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{lr:.1e}",
                                            tok_s=f"{rate:,.0f}")
                     t_last, tokens_last, losses_since_log = _clock(), self.tokens_seen, []
@@ -930,7 +945,7 @@ class Trainer:
                           "tokens_per_s": (self.tokens_seen - tokens_last) / max(now - t_last, 1e-9),
                           "elapsed": now - t0}
                 self._evaluate_and_save(record)
-                self.logger.log({**{"val_loss": None}, **record})
+                self.logger.log({k: record.get(k) for k in LOG_KEYS})
         finally:
             self._pbar.close()
             self._pbar = None
