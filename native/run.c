@@ -80,6 +80,41 @@ static inline vfloat vload_i8(const int8_t *p) {
     return vload(f);
 #endif
 }
+/* Lane-wise choice: mask lanes are all ones (take a) or all zeros (take b), as comparisons give. */
+typedef int32_t vint __attribute__((vector_size(VLEN * sizeof(int32_t))));
+typedef uint32_t vuint __attribute__((vector_size(VLEN * sizeof(uint32_t))));
+static inline vfloat vselect(vint mask, vfloat a, vfloat b) { return (vfloat)((mask & (vint)a) | (~mask & (vint)b)); }
+
+static inline float vsum(vfloat v) {
+    float lanes[VLEN], s = 0.0f;
+    vstore(lanes, v);
+    for (int i = 0; i < VLEN; i++) s += lanes[i];
+    return s;
+}
+
+/* e^x on a whole vector, within about 1 ulp of expf (softmax and SiLU call exp thousands of times
+ * per token, and libm's expf works one number at a time). e^x = 2^k * e^r with k = round(x / ln 2)
+ * and |r| <= ln(2)/2; e^r from its Taylor series to r^7/7!, 2^k built directly in the exponent
+ * bits. Inputs are clamped to [-87, 88] so 2^k stays a normal float. */
+static inline vfloat vexp(vfloat x) {
+    const vfloat zero = {0}, lo = zero - 87.0f, hi = zero + 88.0f;
+    x = vselect(x < lo, lo, x); /* NaN compares false: NaN lanes stay NaN */
+    x = vselect(x > hi, hi, x);
+    const float shift = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer, kept in the low bits */
+    vfloat t = x * 1.44269504088896341f + shift;
+    vfloat k = t - shift;
+    vfloat r = x - k * 0.693359375f; /* x - k ln 2, with ln 2 split in two parts for accuracy */
+    r = r - k * -2.12194440e-4f;
+    vfloat p = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    vuint e = ((vuint)t - 0x4B400000u + 127u) << 23; /* k + 127 in the exponent field: 2^k */
+    return p * (vfloat)e;
+}
 #define PANEL VLEN /* rows per panel of a packed matrix (see "Packed weights") */
 #else
 #define PANEL 8
@@ -751,15 +786,38 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
 }
 
 static void softmax(float *x, int n) {
-    float max = x[0];
-    for (int i = 1; i < n; i++)
+    float max = x[0], sum = 0.0f;
+    int i = 0;
+#ifdef HAVE_VEC
+    if (n >= VLEN) {
+        vfloat m = vload(x);
+        for (i = VLEN; i + VLEN <= n; i += VLEN) {
+            vfloat v = vload(x + i);
+            m = vselect(v > m, v, m);
+        }
+        float lanes[VLEN];
+        vstore(lanes, m);
+        for (int j = 0; j < VLEN; j++)
+            if (lanes[j] > max) max = lanes[j];
+    }
+#endif
+    for (; i < n; i++)
         if (x[i] > max) max = x[i];
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) {
+    i = 0;
+#ifdef HAVE_VEC
+    vfloat acc = {0};
+    for (; i + VLEN <= n; i += VLEN) {
+        vfloat e = vexp(vload(x + i) - max);
+        vstore(x + i, e);
+        acc += e;
+    }
+    sum = vsum(acc);
+#endif
+    for (; i < n; i++) {
         x[i] = expf(x[i] - max);
         sum += x[i];
     }
-    for (int i = 0; i < n; i++) x[i] /= sum;
+    for (i = 0; i < n; i++) x[i] /= sum;
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -955,7 +1013,14 @@ static float *forward(Transformer *t, int token, int pos) {
         rmsnorm(s->xb, s->x, w->rms_ffn + (size_t)l * dim, dim, eps);
         matmul(s->hb, s->xb, &w->w1[l], gs);
         matmul(s->hb2, s->xb, &w->w3[l], gs);
-        for (int i = 0; i < hidden; i++) {
+        int i = 0;
+#ifdef HAVE_VEC
+        for (; i + VLEN <= hidden; i += VLEN) {
+            vfloat g = vload(s->hb + i);
+            vstore(s->hb + i, g / (1.0f + vexp(-g)) * vload(s->hb2 + i));
+        }
+#endif
+        for (; i < hidden; i++) {
             float g = s->hb[i];
             s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];
         }
