@@ -127,16 +127,17 @@ def attention_explorer(scores, tokens, *, query: int | None = None, causal: bool
         show_attention(scores, tokens, query=query, causal=causal, temperature=temperature)
         plt.show()
         return None
+    style = {"description_width": "initial"}  # show whole labels ("temperature", not "temperat...")
     controls = {
         "query": w.Dropdown(options=[(f"{i}: {t}", i) for i, t in enumerate(tokens)], value=query,
-                            description="query"),
-        "causal": w.Checkbox(value=causal, description="causal mask"),
+                            description="query", style=style),
+        "causal": w.Checkbox(value=causal, description="causal mask", style=style),
         "temperature": w.FloatSlider(value=temperature, min=0.1, max=3.0, step=0.05,
-                                     description="temperature", continuous_update=False),
+                                     description="temperature", continuous_update=False, style=style),
     }
     if scores.dim() == 3:
         controls["head"] = w.IntSlider(value=0, min=0, max=scores.shape[0] - 1, description="head",
-                                       continuous_update=False)
+                                       continuous_update=False, style=style)
 
     def update(query, causal, temperature, head=0):
         import matplotlib.pyplot as plt
@@ -185,15 +186,16 @@ def _control_default(name: str, spec):
 
 def _make_control(w, name: str, spec):
     value = _control_default(name, spec)
+    style = {"description_width": "initial"}  # the whole argument name as the label
     if isinstance(spec, bool):
-        return w.Checkbox(value=value, description=name)
+        return w.Checkbox(value=value, description=name, style=style)
     if isinstance(spec, list):
-        return w.Dropdown(options=spec, value=value, description=name)
+        return w.Dropdown(options=spec, value=value, description=name, style=style)
     if isinstance(spec, tuple):
         integral = all(isinstance(v, numbers.Integral) for v in spec)
         slider = w.IntSlider if integral else w.FloatSlider
         return slider(value=value, min=spec[0], max=spec[1], step=spec[2], description=name,
-                      continuous_update=False)
+                      continuous_update=False, style=style)
     return w.fixed(value)
 
 
