@@ -572,5 +572,5 @@ def test_benchmark_formula_and_one_run(tmp_path):
     rows = run_benchmark(models=("870K",), quantizations=(None,), repeats=1, verbose=False, workdir=tmp_path)
     (row,) = rows
     assert row["generated"] == 255 and row["cpu_tok_s"] > 0 and row["peak_gflops"] > 0
-    assert 0 < row["percent_of_peak"] < 100
+    assert 0 < row["percent_of_peak"] < 100 and 0 < row["kernel_percent_of_peak"] < 100
     assert shutil.which(find_cc().split()[0])
