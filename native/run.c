@@ -1,9 +1,10 @@
 /*
  * run.c -- inference for a Llama-style transformer, in one C file.
  *
- * Read it top to bottom: model file format and config, weights, forward pass, tokenizer, sampler,
- * generation, and finally the two front ends: a command-line program (`main`) and a small C API for
- * Python (compiled with -DRUN_LIBRARY, loaded with cffi or ctypes).
+ * Read it top to bottom: short vectors, errors, the model file format and its checks, packed weights
+ * and the matrix-vector product, the forward pass, tokenizer, sampler, generation, and finally the
+ * two front ends: a small C API for Python (compiled with -DRUN_LIBRARY, loaded with cffi or ctypes)
+ * and the command-line program (`main`).
  *
  * Two model file formats are read:
  *   - llama2.c's legacy "version 0" model.bin: 7 int32 then fp32 weights. Byte compatible, so the
