@@ -1,6 +1,6 @@
 """`python -m tiny_transformer export`: turn a training checkpoint into files other programs run.
 
-    python -m tiny_transformer export --checkpoint runs/x/best.pt --format llama2c --out model.bin \\
+    python -m tiny_transformer export --checkpoint checkpoints/NAME/best.pt --format llama2c --out model.bin \\
         --tokenizer-out tokenizer.bin            # for native/run.c
     python -m tiny_transformer export --checkpoint best.pt --format llama2c --quantize q8_0 --out model_q8.bin
     python -m tiny_transformer export --checkpoint best.pt --format tokenizer --out tokenizer.bin

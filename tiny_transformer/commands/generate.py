@@ -1,6 +1,6 @@
 """`python -m tiny_transformer generate`: text from a trained checkpoint.
 
-    generate --checkpoint runs/shakespeare/best.pt --prompt "ROMEO:" --max-tokens 200 --temperature 0.8
+    generate --checkpoint checkpoints/shakespeare/best.pt --prompt "ROMEO:" --max-tokens 200 --temperature 0.8
     generate --checkpoint best.pt --greedy                    the most probable token every step
     generate --checkpoint best.pt --top-k 40 --top-p 0.9      sample from the head of the distribution
     generate --checkpoint best.pt --stream                    print text as it is produced
@@ -33,7 +33,7 @@ COMPARE = (("greedy", 0.0), ("T=0.5", 0.5), ("T=0.8", 0.8), ("T=1.2", 1.2))
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a checkpoint written by `train` or `export` (e.g. runs/NAME/best.pt)")
+                        help="a checkpoint written by `train` or `export` (e.g. checkpoints/NAME/best.pt)")
     parser.add_argument("--prompt", default="ROMEO:", help="text to continue (default: %(default)r)")
     parser.add_argument("--max-tokens", type=int, default=200, metavar="N",
                         help="number of new tokens (default: %(default)s)")
