@@ -70,4 +70,4 @@ fi
 # Put the repository first on the module path: the library next to this script is used whether or
 # not `pip install -e .` has been run (with an editable install it is the same code anyway).
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" -m tiny_transformer.commands.download all ${args[@]+"${args[@]}"}
+exec "$py" -m tiny_transformer download all ${args[@]+"${args[@]}"}

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from tiny_transformer.utils import fsync_directory
+
 FORMAT = "tiny-transformer-checkpoint"
 VERSION = 1
 # Keys that only a training checkpoint needs; a production export drops them.
@@ -38,22 +40,6 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
 # --------------------------------------------------------------------------------------------
 # Saving and loading single files
 # --------------------------------------------------------------------------------------------
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable: on POSIX the directory entry itself must be flushed to disk."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write) -> None:
     """Call `write(file_object)` on a temporary file next to `path`, then rename it over `path`.
 
@@ -77,7 +63,7 @@ def _atomic_write(path: Path, write) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> Path:

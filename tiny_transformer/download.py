@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tiny_transformer.utils import data_dir
+from tiny_transformer.utils import data_dir, fsync_directory
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -211,20 +211,6 @@ def _use_default_permissions(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def fetch_verified(
     source: str | os.PathLike,
     dest: str | Path,
@@ -310,7 +296,7 @@ def fetch_verified(
         if dest.is_dir():
             raise DownloadError(f"{dest} is a folder; pass a file path as the destination")
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_directory(dest.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -71,3 +71,23 @@ def data_dir() -> Path:
     """Where datasets live: $TINY_TRANSFORMER_DATA or `<repo>/data`."""
     env = os.environ.get("TINY_TRANSFORMER_DATA")
     return Path(env) if env else repo_root() / "data"
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside `directory` durable: on POSIX the directory entry itself must be flushed.
+
+    Used after `os.replace` by every atomic write (datasets, checkpoints); a no-op where directories
+    cannot be opened.
+    """
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -11,7 +11,6 @@ variable TINY_SHAKESPEARE_SOURCE. `data/download_shakespeare.sh` calls `main()` 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from tiny_transformer import download
@@ -60,24 +59,3 @@ def run(args: argparse.Namespace) -> int:
             folder / download.SIMPLE_SEQUENCES_FILENAME, quiet=args.quiet
         )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run just this command (what data/download_shakespeare.sh calls); errors print as `error: ...`."""
-    parser = argparse.ArgumentParser(
-        prog="download", description="Download and verify the tiny-transformer datasets."
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
