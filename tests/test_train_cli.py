@@ -166,8 +166,23 @@ def test_bench_train_quality_runs_both_recipes(corpus, capsys):
     assert "reference" in out and "ours" in out and "± " in out
 
 
+def test_bench_train_fixed_steps_are_reproducible(corpus, capsys):
+    sets = ["model.d_model=32", "model.n_layers=1", "model.max_seq_len=32", "model.d_ff=64", "training.batch_size=4"]
+    losses = []
+    for _ in range(2):
+        assert bench_train.main(_bench_args(recipe="ours", steps=3, data=str(corpus), set=sets)) == 0
+        out = capsys.readouterr().out
+        assert "3 steps of training" in out
+        row = [line for line in out.splitlines() if line.startswith("ours")][-1]
+        losses.append(row.split()[-3])  # the val loss column (before "± stderr")
+        assert row.split()[2] == "3"
+    assert losses[0] == losses[1]  # no clock involved: the same numbers every time
+    with pytest.raises(ValueError, match="--steps must be a positive"):
+        bench_train.main(_bench_args(steps=0, data=str(corpus)))
+
+
 def test_bench_train_throughput(capsys):
-    args = _bench_args(throughput=True, presets="tiny", seconds=0.1)
+    args = _bench_args(throughput=True, presets="tiny", seconds=0.1, batch_size=2)
     assert bench_train.main(args) == 0
     out = capsys.readouterr().out
     assert "FLOPs/token = 6*N + 12*L*T*d" in out

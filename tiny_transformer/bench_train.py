@@ -9,7 +9,10 @@ error, measured over every non-overlapping window of the validation text. Two re
 * `ours`: the recipe of the `cpu_fast` preset (see `tiny_transformer/configs/cpu_fast.json`).
 
 `--recipe both` measures them back to back on the same machine. `--ablation` trains a list of
-variants of `ours` (each with one change undone) with a shorter budget and prints a table.
+variants of `ours` (each with one change undone or one idea added) and prints a table. A time
+budget means nothing on a busy machine (other processes steal the cores and the run makes fewer
+steps), so `--steps N` trains exactly N steps instead: the losses then depend only on the recipe,
+and the ms/step column tells what each step costs.
 
 Throughput (`--throughput`): tokens/s and achieved FLOP/s of training steps for the `tiny` and
 `shakespeare` presets, with FLOPs per token = 6·N + 12·L·T·d, where N counts every weight that takes
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
+import os
 import time
 from pathlib import Path
 
@@ -50,6 +53,16 @@ REFERENCE_RECIPE = {
 # Each ablation undoes one ingredient of `ours` (applied as --set style overrides).
 ABLATIONS: list[tuple[str, list[str]]] = [
     ("ours (cpu_fast)", []),
+    ("AdamW instead of Muon", ["training.optimizer=adamw", "training.matrix_lr=null"]),
+    ("AdamW at the reference lr 1e-3", ["training.optimizer=adamw", "training.matrix_lr=null", "training.lr=1e-3",
+                                        "training.min_lr=1e-4"]),
+    ("cosine over 2000 steps, not the clock", ["training.schedule_by_time=false", "training.max_steps=2000"]),
+    ("context 64 (batch 64)", ["model.max_seq_len=64", "training.batch_size=64"]),
+    ("batch 12, context 64 (reference shape)", ["model.max_seq_len=64", "training.batch_size=12"]),
+    ("with biases", ["model.bias=true"]),
+    ("+ QK-norm", ["model.qk_norm=true"]),
+    ("+ RoPE, RMSNorm, SwiGLU", ["model.pos_encoding=rope", "model.norm=rmsnorm", "model.activation=swiglu",
+                                "model.d_ff=344"]),
 ]
 
 
@@ -71,22 +84,29 @@ def _load_shakespeare(path: str | None):
     return tokenizer, train_ids, val_ids
 
 
-def run_quality(cfg: dict, budget: float, tokenizer, train_ids, val_ids, seed: int = 1337, label: str = "",
-                verbose: bool = False) -> dict:
-    """Train `cfg` for `budget` seconds and evaluate on the whole validation split."""
+def run_quality(cfg: dict, budget: float | None, tokenizer, train_ids, val_ids, seed: int = 1337, label: str = "",
+                verbose: bool = False, steps: int | None = None) -> dict:
+    """Train `cfg` for `budget` seconds (or exactly `steps` steps) and evaluate on the whole
+    validation split.
+
+    With `steps`, the schedule spans those steps and no clock is involved: the result does not
+    depend on the machine or on how busy it is.
+    """
     cfg = copy.deepcopy(cfg)
     cfg["model"]["vocab_size"] = tokenizer.vocab_size
     torch.manual_seed(seed)
     model = build_model(cfg)
     training = dict(cfg.get("training") or {})
-    training.update(max_time=budget, seed=seed, device="cpu", experiment_name="bench", save_checkpoints=False,
+    if steps is not None:
+        training.update(max_steps=steps, max_time=None, schedule_by_time=False)
+        training["warmup_steps"] = min(training.get("warmup_steps", 100), steps)
+    else:
+        training["max_time"] = budget
+    training.update(seed=seed, device="cpu", experiment_name="bench", save_checkpoints=False,
                     progress=False, verbose=verbose, log_dir=str(_scratch() / "logs"),
                     checkpoint_dir=str(_scratch() / "checkpoints"))
-    training.setdefault("eval_interval", 10**9)  # no evaluations inside the budget
-    tc = TrainerConfig.from_dict(training)
-    if tc.eval_interval > tc.max_steps:
-        tc.eval_interval = tc.max_steps
-    trainer = Trainer(model, tc, train_ids, None, tokenizer=tokenizer)
+    # No validation data inside the budget: the trainer spends every second on training steps.
+    trainer = Trainer(model, TrainerConfig.from_dict(training), train_ids, None, tokenizer=tokenizer)
     summary = trainer.train()
     seq_len = trainer.seq_len
     result = evaluate_loss(model, val_ids, seq_len, batch_size=64)
@@ -113,9 +133,10 @@ def _scratch() -> Path:
 
 
 def _print_table(rows: list[dict]) -> None:
-    print(f"{'recipe':<34} {'params':>8} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'val loss':>16}")
+    print(f"{'recipe':<40} {'params':>7} {'steps':>6} {'tokens':>7} {'ms/step':>7} {'tok/s':>7} {'val loss':>16}")
     for r in rows:
-        print(f"{r['label']:<34} {r['params'] / 1e6:>7.2f}M {r['steps']:>6} {r['tokens'] / 1e6:>8.2f}M "
+        ms = 1000 * r["train_seconds"] / max(1, r["steps"])
+        print(f"{r['label']:<40} {r['params'] / 1e6:>6.2f}M {r['steps']:>6} {r['tokens'] / 1e6:>6.2f}M {ms:>7.0f} "
               f"{r['tokens_per_s']:>7,.0f} {r['val_loss']:>8.4f} ± {r['stderr']:.4f}")
 
 
@@ -173,6 +194,8 @@ def run_throughput(preset: str, vocab_size: int, seconds: float, batch_size: int
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default="ours", help="ours (default), reference, both, or a preset name")
     parser.add_argument("--budget", type=float, default=150.0, help="training seconds per run (default 150)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train exactly this many steps instead of a time budget (load-independent)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--data", default=None, help="text file (default data/tiny_shakespeare.txt)")
     parser.add_argument("--seed", type=int, default=1337)
@@ -184,6 +207,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens/s and FLOP/s of training steps for the tiny and shakespeare presets")
     parser.add_argument("--presets", default="tiny,shakespeare", help="presets for --throughput")
     parser.add_argument("--seconds", type=float, default=20.0, help="timing seconds per preset for --throughput")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch size for --throughput (default: the preset's training batch size)")
     parser.add_argument("--verbose", action="store_true", help="print the trainer's progress")
 
 
@@ -195,7 +220,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{'preset':<12} {'params':>8} {'batch':>5} {'T':>4} {'ms/step':>8} {'tokens/s':>9} "
               f"{'MFLOP/token':>11} {'GFLOP/s':>8}")
         for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-            r = run_throughput(preset, 65, args.seconds)
+            r = run_throughput(preset, 65, args.seconds, batch_size=args.batch_size)
             print(f"{preset:<12} {r['params'] / 1e6:>7.2f}M {r['batch']:>5} {r['seq_len']:>4} "
                   f"{r['ms_per_step']:>8.1f} {r['tokens_per_s']:>9,.0f} {r['flops_per_token'] / 1e6:>11.2f} "
                   f"{r['flops_per_s'] / 1e9:>8.2f}")
@@ -208,19 +233,29 @@ def main(args: argparse.Namespace) -> int:
     else:
         names = ["reference", "ours"] if args.recipe == "both" else [args.recipe]
         runs = [(name, apply_overrides(recipe(name), args.set)) for name in names]
+    if args.steps is not None and args.steps <= 0:
+        raise ValueError(f"--steps must be a positive number of steps, got {args.steps}")
+    if args.steps is None and args.budget <= 0:
+        raise ValueError(f"--budget must be a positive number of seconds, got {args.budget}")
+    budget = f"{args.steps} steps" if args.steps else f"{args.budget:g} s"
     rows = []
     for label, cfg in runs:
-        print(f"training {label} for {args.budget:g} s ...", flush=True)
+        print(f"training {label} for {budget} ...", flush=True)
         row = run_quality(cfg, args.budget, tokenizer, train_ids, val_ids, seed=args.seed, label=label,
-                          verbose=args.verbose)
+                          verbose=args.verbose, steps=args.steps)
         rows.append(row)
         _print_table([row])
     print()
     print(f"validation loss over all {rows[0]['windows']} windows of the validation split (± standard error); "
-          f"budget {args.budget:g} s of training on {args.threads} threads")
+          f"{budget} of training on {args.threads} threads; machine load {_load()}")
     _print_table(rows)
     return 0
 
 
-def _finite(x) -> bool:
-    return x is not None and math.isfinite(x)
+def _load() -> str:
+    """The 1-minute load average (a busy machine makes a time budget worth fewer steps)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "unknown"
+

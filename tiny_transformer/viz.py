@@ -67,7 +67,10 @@ def plot_training_log(log, ax=None, title: str | None = None, logy: bool = False
     ax.set_ylabel("cross-entropy loss (nats)")
     if logy:
         ax.set_yscale("log")
-    ax.set_title(title or (f"training log: {Path(log).parent.name if not isinstance(log, list) else 'run'}"))
+    if title is None and not isinstance(log, list):
+        path = Path(log)
+        title = f"training run: {path.name if path.is_dir() else path.parent.name}"
+    ax.set_title(title or "training run")
     ax.grid(alpha=0.3)
     ax.legend()
     return ax

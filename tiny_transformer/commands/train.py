@@ -102,8 +102,12 @@ def build_tokenizer(kind: str, cfg: dict, text: str, train_text: str, log_dir: P
     from tiny_transformer.sentencepiece_tools import SentencePieceTokenizer
 
     vocab_size = int(cfg["model"].get("vocab_size", 512))
+    # Byte fallback reserves 256 byte pieces (+3 specials) on top of the characters; a vocabulary
+    # smaller than that (Baby Llama's 128) keeps characters and merges only.
+    byte_fallback = vocab_size >= 3 + 256 + len(set(train_text))
     log_dir.mkdir(parents=True, exist_ok=True)
-    return SentencePieceTokenizer.train(train_text, vocab_size=vocab_size, model_prefix=log_dir / f"tok{vocab_size}")
+    return SentencePieceTokenizer.train(train_text, vocab_size=vocab_size, model_prefix=log_dir / f"tok{vocab_size}",
+                                        byte_fallback=byte_fallback)
 
 
 def run(args: argparse.Namespace) -> int:
