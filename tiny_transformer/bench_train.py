@@ -57,12 +57,12 @@ ABLATIONS: list[tuple[str, list[str]]] = [
     ("AdamW at the reference lr 1e-3", ["training.optimizer=adamw", "training.matrix_lr=null", "training.lr=1e-3",
                                         "training.min_lr=1e-4"]),
     ("cosine over 2000 steps, not the clock", ["training.schedule_by_time=false", "training.max_steps=2000"]),
-    ("context 64 (batch 64)", ["model.max_seq_len=64", "training.batch_size=64"]),
-    ("batch 12, context 64 (reference shape)", ["model.max_seq_len=64", "training.batch_size=12"]),
+    ("context 128, batch 32", ["model.max_seq_len=128", "training.batch_size=32"]),
+    ("batch 12 (the reference's)", ["training.batch_size=12"]),
+    ("no QK-norm", ["model.qk_norm=false"]),
+    ("GPT-2 parts: learned positions, LayerNorm, GELU", ["model.pos_encoding=learned", "model.norm=layernorm",
+                                                          "model.activation=gelu", "model.d_ff=512"]),
     ("with biases", ["model.bias=true"]),
-    ("+ QK-norm", ["model.qk_norm=true"]),
-    ("+ RoPE, RMSNorm, SwiGLU", ["model.pos_encoding=rope", "model.norm=rmsnorm", "model.activation=swiglu",
-                                "model.d_ff=344"]),
 ]
 
 
