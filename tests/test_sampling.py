@@ -327,6 +327,88 @@ def test_speculative_greedy_equals_target_greedy(family):
     assert same.stats["acceptance_rate"] == 1.0 and same.stats["rounds"] == 6
 
 
+def _lively(model, seed, gain=2.0):
+    """Redraw the weights at a larger scale. At the usual 0.02 init a random model hardly looks past
+    the last token, so a prediction made from a slightly different window (a token fewer, positions
+    shifted) keeps its argmax; this model's greedy choice depends on the whole window."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                std = 1.0 if "embedding" in name else gain / p.shape[1] ** 0.5
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_stepper_logits_for_several_positions_match_one_at_a_time(use_cache):
+    """logits(num) gives, for each of the num positions, what one-at-a-time generation sees there:
+    the last max_seq_len tokens up to it. Past the context that is a different window per position."""
+    W = 16
+    model = _lively(gpt(max_seq_len=W), seed=0)
+    seq = torch.randint(0, V, (2, 3 * W + 4), generator=torch.Generator().manual_seed(0))
+    seq[1, :3] = -1  # the second row is a shorter prompt, left-padded
+
+    @torch.no_grad()
+    def alone(row, m):  # next-token logits after m tokens, the row run alone on its cropped window
+        ids = seq[row, max(0, m - W): m]
+        return model(ids[ids >= 0][None])[0][0, -1]
+
+    stepper = ModelStepper(model, seq[:, :5], use_cache=use_cache)
+    n, checked = 5, 0
+    for num in itertools.cycle([1, 3, 6, 2, W, 5]):
+        add = min(num, seq.shape[1] - n)
+        stepper.append(seq[:, n: n + add])
+        n += add
+        got = stepper.logits(num)
+        expected = torch.stack([torch.stack([alone(r, m) for m in range(n - num + 1, n + 1)]) for r in range(2)])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        checked += num
+        if n == seq.shape[1]:
+            break
+        n -= num // 2  # roll back as speculative decoding does after a rejection
+        stepper.truncate(n)
+    assert checked > 3 * W
+
+
+def _with_context(model, make, max_seq_len):
+    """The same weights in a model with another context length (position tables cut or extended)."""
+    other = make(max_seq_len=max_seq_len)
+    state = other.state_dict()
+    for key, value in model.state_dict().items():
+        rows = min(len(value), len(state[key]))
+        state[key][:rows] = value[:rows]
+    other.load_state_dict(state)
+    return other
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_speculative_greedy_equals_plain_greedy_past_the_window(family, use_cache):
+    """Three times the target's context; drafts with a shorter and a longer context than the target
+    (its own weights, so they are often but not always right); prompts that fill the window or
+    nearly; more draft tokens than the window has room for, or than it holds at all."""
+    make = gpt if family == "gpt" else llama
+    W = 24
+    target = _lively(make(max_seq_len=W), seed=0)
+    short, long = _with_context(target, make, W // 2), _with_context(target, make, 2 * W)
+    gen = TextGenerator(target, TOK)
+    text = "ROMEO: But soft, what light through yonder window breaks?"
+    for prompt in ("ROMEO:", text[: W - 2], text[:W]):
+        ids = TOK.encode(prompt)
+        reference = argmax_loop(target, ids, 3 * W)[len(ids):]
+        assert gen.generate(prompt, max_new_tokens=3 * W, do_sample=False, use_cache=use_cache).tokens == reference
+        for draft, k in ((short, 1), (short, 4), (long, 4), (long, W + 8)):
+            spec = gen.speculative_generate(prompt, draft, num_draft_tokens=k, max_new_tokens=3 * W,
+                                            do_sample=False, use_cache=use_cache)
+            assert spec.tokens == reference, (prompt, draft.max_seq_len, k)
+            assert 0 < spec.stats["acceptance_rate"] < 1
+        # a draft identical to the target is always right, inside and past the window
+        same = gen.speculative_generate(prompt, target, num_draft_tokens=5, max_new_tokens=3 * W,
+                                        do_sample=False, use_cache=use_cache)
+        assert same.tokens == reference and same.stats["acceptance_rate"] == 1.0
+
+
 def test_speculative_accept_preserves_target_distribution():
     """Accept/reject + residual sampling turns draft proposals q into exact samples of p."""
     g = torch.Generator().manual_seed(0)

@@ -44,7 +44,10 @@ class ModelStepper:
     * **The context window**: a model has no position beyond `model.max_seq_len`. When the
       sequence grows longer, the oldest tokens are dropped (a *sliding window*). The cached keys were
       computed at the old positions, so the cache is rebuilt from the last window: past the context
-      each new token costs one full window forward, the same as without a cache.
+      each new token costs one full window forward, the same as without a cache. Logits for several
+      positions at once (`logits(num)`) are exactly what asking after each position in turn would
+      give: past the context every position has a window of its own, and those windows run as one
+      batch (the compute of as many single steps, in one call).
     * **Rollback**: `truncate(n)` forgets tokens after the first n (speculative decoding), and
       `reorder(index)` picks, duplicates or drops batch rows (beam and contrastive search).
     """
@@ -115,24 +118,52 @@ class ModelStepper:
         """(B, num, V) float32 logits predicting the token after each of the last `num` positions.
 
         Feeds whatever the model has not seen yet. `num > 1` is what speculative decoding needs to
-        check several draft tokens in one pass.
+        check several draft tokens in one pass. Each position is conditioned on what one-at-a-time
+        generation would have fed the model at that point: the last `model.max_seq_len` tokens up to
+        and including it, the first of them at position 0.
         """
         n = self.length
         if not 1 <= num <= min(n, self.window):
             raise ValueError(f"can return logits for 1..{min(n, self.window)} positions, not {num}")
+        first = n - num + 1  # sequence length seen by the first of the `num` positions
+        if n <= self.window or num == 1:
+            return self._window_logits(n, num)
+        # Past the context, the position after m tokens sees tokens[m - window : m]: one window per
+        # position. Positions with m <= window still share the window starting at token 0.
+        inside = max(0, self.window - first + 1)
+        parts = [self._window_logits(self.window, inside)] if inside else []
+        parts.append(self._sliding_logits(first + inside, n))
+        return torch.cat(parts, dim=1)
+
+    def _window_logits(self, end: int, num: int) -> torch.Tensor:
+        """Logits after each of tokens[:end]'s last `num` positions, all inside one window: the one
+        that ends at `end` (which must hold every one of them: `num == 1` or `end <= window`)."""
         if self.cache is None:
-            start = max(0, n - self.window)
-            logits = self._forward(start, n, num, None, start)
-        else:
-            if n - self.cache_start > self.window or n - num < self.cache_start:
-                # Outgrew the context (or rolled back before the window): rebuild from the last window.
-                self.cache_start = max(0, n - self.window)
-                self.cache.crop(0)
-            elif self.cache_start + self.cache.length > n - num:
-                # Logits were asked for positions already in the cache (after a rollback): redo them.
-                self.cache.crop(n - num - self.cache_start)
-            logits = self._forward(self.cache_start + self.cache.length, n, num, self.cache, self.cache_start)
-        return logits
+            start = max(0, end - self.window)
+            return self._forward(start, end, num, None, start)
+        if end - self.cache_start > self.window or end - num < self.cache_start:
+            # Outgrew the context (or rolled back before the window): rebuild from the last window.
+            self.cache_start = max(0, end - self.window)
+            self.cache.crop(0)
+        elif self.cache_start + self.cache.length > end - num:
+            # Logits were asked for positions already in the cache (after a rollback): redo them.
+            self.cache.crop(end - num - self.cache_start)
+        return self._forward(self.cache_start + self.cache.length, end, num, self.cache, self.cache_start)
+
+    def _sliding_logits(self, first: int, last: int) -> torch.Tensor:
+        """Logits after m tokens for every m in [first, last] (all > window), each computed from its
+        own window tokens[m - window : m], as one batch of (last - first + 1) * B rows. The cache is
+        not used (each window has different positions) and is left as it was."""
+        W, B = self.window, self.batch_size
+        count = last - first + 1
+        ids = self.tokens[:, first - W: last].unfold(1, W, 1).reshape(B * count, W)
+        mask = None
+        if self.padded:
+            mask = (ids >= 0).long()
+            ids = ids.clamp(min=0)
+        self.forward_calls += 1
+        logits, _ = self.model(ids, attention_mask=mask, last_only=True)
+        return logits[:, -1, : self.vocab_size].float().view(B, count, -1)
 
     def _forward(self, a: int, b: int, num: int, cache, mask_start: int) -> torch.Tensor:
         """Run tokens[:, a:b] through the model; the mask covers [mask_start, b)."""
@@ -313,6 +344,12 @@ def speculative_decode(
     target model scores all of them in ONE forward pass (its cost is close to that of one token when
     the model is memory-bound), and `speculative_accept` keeps a prefix. Both models' KV caches are
     rolled back past the rejected tokens with `cache.crop`.
+
+    Every target prediction is conditioned exactly as in plain generation (`ModelStepper.logits`),
+    so greedy output equals the target's own greedy decoding at any length. Past the target's
+    context window that means one window of the last `max_seq_len` tokens per checked position: the
+    check then runs k + 1 windows as one batch, the compute of k + 1 plain steps, so the gain there
+    comes only from making fewer, batched calls.
 
     to_probs(logits (N, V), history (N, L)) -> probabilities: the same processing (temperature,
     top-k, ...) is applied to both models, so the output follows the *processed* target
