@@ -12,7 +12,11 @@ error, measured over every non-overlapping window of the validation text. Two re
 variants of `ours` (each with one change undone or one idea added) and prints a table. A time
 budget means nothing on a busy machine (other processes steal the cores and the run makes fewer
 steps), so `--steps N` trains exactly N steps instead: the losses then depend only on the recipe,
-and the ms/step column tells what each step costs.
+and the ms/step column tells what each step costs. `--match-budget` combines the two: it times a few
+training steps of each recipe (ideally while the machine is quiet: the timing takes seconds, not
+minutes), converts the budget into that recipe's number of steps, and trains exactly that many with
+the schedule spanning them. A quiet 150 s run and its matched-steps run train the same number of
+steps with the same learning-rate curve, so the loss is what the budget buys without the clock's noise.
 
 Throughput (`--throughput`): tokens/s and achieved FLOP/s of training steps for the `tiny` and
 `shakespeare` presets, with FLOPs per token = 6·N + 12·L·T·d, where N counts every weight that takes
@@ -85,21 +89,31 @@ def _load_shakespeare(path: str | None):
 
 
 def run_quality(cfg: dict, budget: float | None, tokenizer, train_ids, val_ids, seed: int = 1337, label: str = "",
-                verbose: bool = False, steps: int | None = None) -> dict:
+                verbose: bool = False, steps: int | None = None, matched: bool = False) -> dict:
     """Train `cfg` for `budget` seconds (or exactly `steps` steps) and evaluate on the whole
     validation split.
 
     With `steps`, the schedule spans those steps and no clock is involved: the result does not
-    depend on the machine or on how busy it is.
+    depend on the machine or on how busy it is. With `matched` (steps that fit a time budget), a
+    recipe whose schedule is counted in steps (it sets max_steps, not schedule_by_time) keeps its
+    own schedule and stops after `steps`, as the time budget would have stopped it.
     """
     cfg = copy.deepcopy(cfg)
     cfg["model"]["vocab_size"] = tokenizer.vocab_size
     torch.manual_seed(seed)
     model = build_model(cfg)
     training = dict(cfg.get("training") or {})
+    run_steps = None
     if steps is not None:
-        training.update(max_steps=steps, max_time=None, schedule_by_time=False)
-        training["warmup_steps"] = min(training.get("warmup_steps", 100), steps)
+        if not matched or training.get("schedule_by_time") or "max_steps" not in training:
+            # the schedule follows the budget: it spans exactly the steps we train
+            training.update(max_steps=steps, schedule_by_time=False)
+            training["warmup_steps"] = min(training.get("warmup_steps", 100), steps)
+        else:
+            # a recipe with its own step schedule (e.g. cosine over 2000 steps) keeps it, and stops
+            # early if the budget ends first, as a time-limited run would
+            run_steps = min(steps, training["max_steps"])
+        training["max_time"] = None
     else:
         training["max_time"] = budget
     training.update(seed=seed, device="cpu", experiment_name="bench", save_checkpoints=False,
@@ -107,7 +121,7 @@ def run_quality(cfg: dict, budget: float | None, tokenizer, train_ids, val_ids, 
                     checkpoint_dir=str(_scratch() / "checkpoints"))
     # No validation data inside the budget: the trainer spends every second on training steps.
     trainer = Trainer(model, TrainerConfig.from_dict(training), train_ids, None, tokenizer=tokenizer)
-    summary = trainer.train()
+    summary = trainer.train(steps=run_steps)
     seq_len = trainer.seq_len
     result = evaluate_loss(model, val_ids, seq_len, batch_size=64)
     return {
@@ -122,6 +136,27 @@ def run_quality(cfg: dict, budget: float | None, tokenizer, train_ids, val_ids, 
         "windows": result["windows"],
         "seq_len": seq_len,
     }
+
+
+def time_steps(cfg: dict, vocab_size: int, train_ids, steps: int = 8, warmup: int = 3, seed: int = 1337) -> float:
+    """Seconds per training step of `cfg` (median of `steps` timed steps after `warmup` untimed ones)."""
+    cfg = copy.deepcopy(cfg)
+    cfg["model"]["vocab_size"] = vocab_size
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    training = dict(cfg.get("training") or {})
+    training.update(max_steps=warmup + steps, max_time=None, schedule_by_time=False, seed=seed, device="cpu",
+                    experiment_name="bench", save_checkpoints=False, progress=False, verbose=False,
+                    log_dir=str(_scratch() / "logs"), checkpoint_dir=str(_scratch() / "checkpoints"))
+    training["warmup_steps"] = min(training.get("warmup_steps", 100), warmup + steps)
+    trainer = Trainer(model, TrainerConfig.from_dict(training), train_ids, None)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        trainer.train_step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def _scratch() -> Path:
@@ -201,6 +236,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set training.lr=3e-3 (repeatable)")
+    parser.add_argument("--match-budget", action="store_true",
+                        help="time a few steps of each recipe, then train the number of steps that fit in --budget "
+                             "(load-independent losses; time the steps on a quiet machine)")
     parser.add_argument("--ablation", action="store_true",
                         help="train each ablation of `ours` for --budget seconds and print a table")
     parser.add_argument("--throughput", action="store_true",
@@ -237,12 +275,27 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be a positive number of steps, got {args.steps}")
     if args.steps is None and args.budget <= 0:
         raise ValueError(f"--budget must be a positive number of seconds, got {args.budget}")
+    if args.steps is not None and args.match_budget:
+        raise ValueError("--steps and --match-budget exclude each other: --match-budget chooses the steps")
     budget = f"{args.steps} steps" if args.steps else f"{args.budget:g} s"
+    steps = {label: args.steps for label, _ in runs}
+    if args.match_budget:
+        # Time every recipe first, back to back, so that all timings see the same machine.
+        budget = f"the steps that fit in {args.budget:g} s"
+        print(f"timing a few steps of each recipe (machine load {_load()}) ...", flush=True)
+        for label, cfg in runs:
+            dt = time_steps(cfg, tokenizer.vocab_size, train_ids, seed=args.seed)
+            steps[label] = max(1, int(args.budget / dt))
+            own_max = cfg.get("training", {}).get("max_steps")
+            if own_max:
+                steps[label] = min(steps[label], own_max)  # a recipe that ends before the budget stops there
+            print(f"  {label:<48} {dt * 1000:7.0f} ms/step -> {steps[label]:>6} steps", flush=True)
+        print(f"machine load after timing: {_load()}")
     rows = []
     for label, cfg in runs:
-        print(f"training {label} for {budget} ...", flush=True)
+        print(f"training {label} for {f'{steps[label]} steps' if steps[label] else budget} ...", flush=True)
         row = run_quality(cfg, args.budget, tokenizer, train_ids, val_ids, seed=args.seed, label=label,
-                          verbose=args.verbose, steps=args.steps)
+                          verbose=args.verbose, steps=steps[label], matched=args.match_budget)
         rows.append(row)
         _print_table([row])
     print()
