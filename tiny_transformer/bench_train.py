@@ -239,6 +239,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--match-budget", action="store_true",
                         help="time a few steps of each recipe, then train the number of steps that fit in --budget "
                              "(load-independent losses; time the steps on a quiet machine)")
+    parser.add_argument("--train-threads", type=int, default=None,
+                        help="with --match-budget: CPU threads for the training runs after the timing (the losses "
+                             "do not depend on it; 1 suffers least when other programs share the machine)")
     parser.add_argument("--ablation", action="store_true",
                         help="train each ablation of `ours` for --budget seconds and print a table")
     parser.add_argument("--throughput", action="store_true",
@@ -291,6 +294,8 @@ def main(args: argparse.Namespace) -> int:
                 steps[label] = min(steps[label], own_max)  # a recipe that ends before the budget stops there
             print(f"  {label:<48} {dt * 1000:7.0f} ms/step -> {steps[label]:>6} steps", flush=True)
         print(f"machine load after timing: {_load()}")
+        if args.train_threads:
+            torch.set_num_threads(args.train_threads)
     rows = []
     for label, cfg in runs:
         print(f"training {label} for {f'{steps[label]} steps' if steps[label] else budget} ...", flush=True)
