@@ -8,11 +8,17 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tiny_transformer import bench_train
-from tiny_transformer.checkpoint import load_checkpoint
+from tiny_transformer.checkpoint import (
+    export_production,
+    load_checkpoint,
+    load_model_from_checkpoint,
+)
 from tiny_transformer.cli import main
 from tiny_transformer.commands.train import parse_duration
+from tiny_transformer.data import RandomBatchSampler, train_val_split
 from tiny_transformer.training import read_log
 from tiny_transformer.utils import repo_root
 
@@ -76,6 +82,126 @@ def test_train_evaluate_resume(corpus, tmp_path, capsys):
     assert main([*args, "--overwrite", "--max-steps", "3"]) == 0
     capsys.readouterr()
     assert sorted(p.name for p in (tmp_path / "ckpt" / "quick_test").iterdir()) == ["best.pt", "checkpoint_3.pt"]
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning from the command line: train --init-from CHECKPOINT
+# --------------------------------------------------------------------------------------------
+# Another small text, written only with characters of `corpus` (the source model's vocabulary).
+NEW_TEXT = ("JULIET:\nBut soft, Romeo! what light breaks through yonder window?\n"
+            "ROMEO:\nO, wherefore art thou so bright?\n") * 12
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A tiny model trained 4 steps (experiment "source"); returns (folder, best.pt, new text file)."""
+    root = tmp_path_factory.mktemp("finetune")
+    corpus = root / "corpus.txt"
+    corpus.write_text(("ROMEO:\nBut, soft! what light through yonder window breaks?\n"
+                       "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n") * 40, encoding="utf-8")
+    assert set(NEW_TEXT) <= set(corpus.read_text(encoding="utf-8"))
+    new_text = root / "new.txt"
+    new_text.write_text(NEW_TEXT, encoding="utf-8")
+    assert main(["train", "--config", "tiny", "--data", str(corpus), "--max-steps", "4", "--eval-interval", "4",
+                 "--experiment-name", "source", *dirs(root), *TINY]) == 0
+    return root, root / "ckpt" / "source" / "best.pt", new_text
+
+
+def finetune_args(root, source, data, name="ft", *extra):
+    return ["train", "--init-from", str(source), "--data", str(data), "--experiment-name", name,
+            *dirs(root), "--no-progress", *extra]
+
+
+def test_init_from_starts_from_the_checkpoint_weights(source_run, capsys):
+    root, best, new_text = source_run
+    args = finetune_args(root, best, new_text, "ft", "--max-steps", "3", "--eval-interval", "3",
+                         "--set", "training.log_interval=1")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"fine-tuning: weights, model config and tokenizer from {best} (training checkpoint, step 4" in out
+
+    # The first logged loss is the source model's loss on the fine-tune's first batch: the weights
+    # were loaded, and training started at step 0 (a fresh sampler over the new text).
+    model, tokenizer, meta = load_model_from_checkpoint(best)
+    train_text, _ = train_val_split(NEW_TEXT, 0.1)
+    settings = meta["config"]["training"]
+    sampler = RandomBatchSampler(torch.tensor(tokenizer.encode(train_text)), settings["batch_size"],
+                                 model.max_seq_len, seed=settings["seed"])
+    with torch.no_grad():
+        expected = model(*sampler.next_batch())[1].item()
+    steps = [r for r in read_log(root / "logs" / "ft" / "train.log") if not r.get("event")]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[0]["train_loss"] == pytest.approx(expected, rel=1e-5)
+
+    ckpt = load_checkpoint(root / "ckpt" / "ft" / "checkpoint_3.pt")
+    assert ckpt["step"] == 3 and ckpt["config"]["init_from"] == str(best)
+    assert ckpt["config"]["model"] == meta["config"]["model"]  # the source's model, unchanged
+    assert ckpt["config"]["data"]["path"] == str(new_text)
+    assert ckpt["tokenizer"] == tokenizer.to_dict()
+    assert ckpt["config"]["training"]["batch_size"] == settings["batch_size"]  # the source's settings
+
+    # A fine-tuning run continues with --resume alone: model, settings and text come from its checkpoint.
+    assert main(["train", "--resume", "--experiment-name", "ft", "--max-steps", "5", *dirs(root),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 3" in out
+    resumed = load_checkpoint(root / "ckpt" / "ft" / "checkpoint_5.pt")
+    assert resumed["config"]["model"] == meta["config"]["model"] and resumed["config"]["init_from"] == str(best)
+
+
+def test_init_from_a_production_checkpoint(source_run, capsys):
+    root, best, new_text = source_run
+    production = root / "source_prod.pt"
+    export_production(best, production, dtype="float16")
+    assert main(finetune_args(root, production, new_text, "ft_prod", "--max-steps", "1")) == 0
+    assert "(production checkpoint, step 4" in capsys.readouterr().out
+    ckpt = load_checkpoint(root / "ckpt" / "ft_prod" / "checkpoint_1.pt")
+    assert ckpt["config"]["model"] == load_checkpoint(best)["config"]["model"]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "--init-from: checkpoint|does not exist"),
+        ("text file", "--init-from: checkpoint|not a checkpoint at all"),
+        ("state_dict", "not a tiny-transformer checkpoint|bare state_dict"),
+        ("unknown characters", "2 character(s) the tokenizer does not know: '7' x2, 'é' x1|fit_to_vocabulary"),
+        ("resume", "--resume continues|give one of them"),
+        ("same name", "'source' is the run|needs a new name"),
+        ("no name", "--init-from needs --experiment-name"),
+        ("preset", "the preset 'tiny' cannot apply"),
+        ("model override", "--set model.d_model=64 cannot apply"),
+    ],
+)
+def test_init_from_refuses_with_the_fix(source_run, tmp_path, capsys, case, message):
+    root, best, new_text = source_run
+    source, data, name, extra = best, new_text, "ft_err", []
+    if case == "missing":
+        source = tmp_path / "nope.pt"
+    elif case == "text file":
+        source = new_text
+    elif case == "state_dict":
+        source = tmp_path / "weights.pt"
+        torch.save(load_checkpoint(best)["model"], source)
+    elif case == "unknown characters":
+        data = tmp_path / "accents.txt"
+        data.write_text(NEW_TEXT + "O Romeo, thé light at 7, 7 bright?\n", encoding="utf-8")
+    elif case == "resume":
+        extra = ["--resume"]
+    elif case == "same name":
+        name = "source"
+    elif case == "preset":
+        extra = ["--config", "tiny"]
+    elif case == "model override":
+        extra = ["--set", "model.d_model=64"]
+    args = finetune_args(root, source, data, name, *extra)
+    if case == "no name":
+        args = [a for a in args if a not in ("--experiment-name", name)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert all(m in err for m in message.split("|")), err
+    assert not (root / "ckpt" / "ft_err").exists()  # nothing was trained
 
 
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="data/tiny_shakespeare.txt not downloaded")

@@ -13,6 +13,10 @@ used for fine-tuning:
 
     >>> text, report = fit_to_vocabulary(open("my.txt", encoding="utf-8").read(), tokenizer)
     >>> print(report)          # what was replaced or removed
+
+From the command line, `python -m tiny_transformer train --init-from CHECKPOINT --data FILE
+--experiment-name NEW` fine-tunes a checkpoint; it uses `check_vocabulary` to refuse a text with
+characters the checkpoint's tokenizer does not know.
 """
 
 from __future__ import annotations
@@ -146,14 +150,19 @@ def unknown_characters(text: str, tokenizer) -> Counter:
     return Counter(ch for ch in text if ch not in vocab)
 
 
-def check_vocabulary(text: str, tokenizer) -> None:
-    """Raise ValueError listing every character of `text` the tokenizer does not know (and the fix)."""
+def check_vocabulary(text: str, tokenizer, fix: str | None = None) -> None:
+    """Raise ValueError listing every character of `text` the tokenizer does not know, and the fix.
+
+    `fix` replaces the default advice (clean the text with `fit_to_vocabulary`), e.g. with the
+    command-line version of it.
+    """
     unknown = unknown_characters(text, tokenizer)
     if unknown:
         listed = ", ".join(f"{ch!r} x{n}" for ch, n in unknown.most_common(12))
         more = f" and {len(unknown) - 12} more" if len(unknown) > 12 else ""
+        fix = fix or "clean it with tiny_transformer.finetune.fit_to_vocabulary(text, tokenizer)"
         raise ValueError(f"the text has {len(unknown)} character(s) the tokenizer does not know: {listed}{more}; "
-                         "clean it with tiny_transformer.finetune.fit_to_vocabulary(text, tokenizer)")
+                         f"{fix}")
 
 
 def fit_to_vocabulary(text: str, tokenizer, replacements: dict[str, str] | None = None) -> tuple[str, str]:

@@ -5,6 +5,8 @@
     python -m tiny_transformer train shakespeare            # the capstone: preset, data and name in one word
     python -m tiny_transformer train shakespeare --resume   # continue it from its latest checkpoint
     python -m tiny_transformer train cpu_fast --max-time 150s
+    python -m tiny_transformer train --init-from checkpoints/shakespeare/best.pt --data my_text.txt \\
+        --experiment-name my_finetune --lr 3e-4 --max-steps 60       # fine-tune on another text
 
 Shortcuts: the preset may be given as the first word instead of `--config`; the experiment name
 defaults to the preset name and the data to data/tiny_shakespeare.txt. `--max-time` accepts 90, 90s,
@@ -14,6 +16,13 @@ Character-level models fit a `CharTokenizer` on the whole text and take its voca
 Tiny Shakespeare) whatever the preset says. With `--tokenizer sentencepiece` (the default for the
 Llama presets when SentencePiece is installed) a BPE vocabulary of the preset's vocab_size is
 trained on the training split first.
+
+Fine-tuning (`--init-from FILE`) starts from the weights, model config and tokenizer stored in a
+training or production checkpoint, with a fresh optimizer and learning-rate schedule from step 0.
+The training settings default to the source run's (a fine-tune usually wants a lower `--lr` and
+far fewer `--max-steps`); the new text may only use characters the checkpoint's tokenizer knows, and
+the run needs a new `--experiment-name`. A fine-tuning run that stopped continues with `--resume`:
+its model config and settings are read back from its own checkpoints.
 """
 
 from __future__ import annotations
@@ -28,13 +37,20 @@ import torch
 from tiny_transformer.checkpoint import (
     CheckpointManager,
     load_checkpoint,
+    load_model_from_checkpoint,
     tokenizer_from_checkpoint,
 )
 from tiny_transformer.config import build_model, list_presets, load_preset
 from tiny_transformer.data import load_text, train_val_split
+from tiny_transformer.finetune import check_vocabulary
 from tiny_transformer.tokenizers import CharTokenizer
 from tiny_transformer.training import Trainer, TrainerConfig, apply_overrides
 from tiny_transformer.utils import data_dir, set_seed
+
+# Training settings that belong to one run or one machine rather than to the recipe: a run that
+# starts from (or resumes) a checkpoint's stored config takes them from the command line instead.
+RUN_SETTINGS = ("experiment_name", "log_dir", "checkpoint_dir", "device", "compile", "progress", "verbose",
+                "sample_prompt", "sample_interval")
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)?\s*$")
 
@@ -60,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps in all")
     parser.add_argument("--max-time", default=None, help="wall-clock budget: 90, 90s, 10m, 1.5h")
     parser.add_argument("--resume", action="store_true", help="continue from the experiment's latest checkpoint")
+    parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                        help="fine-tune: start from the weights, model config and tokenizer of a training or "
+                             "production checkpoint, with a fresh optimizer and schedule from step 0 and the "
+                             "source run's training settings (lower them with --lr, --max-steps, --set); "
+                             "needs a new --experiment-name, and --data may only use characters the "
+                             "checkpoint's tokenizer knows")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over, deleting an earlier run's checkpoints of the same experiment name")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
@@ -79,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-dir", default="logs", help="base folder of the JSONL logs (default: logs)")
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="base folder of checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
+    parser.epilog = ("fine-tuning: python -m tiny_transformer train --init-from checkpoints/shakespeare/best.pt "
+                     "--data my_text.txt --experiment-name my_finetune --lr 3e-4 --max-steps 60 "
+                     "(if it stops, continue it with: train --resume --experiment-name my_finetune)")
 
 
 def _sentencepiece_available() -> bool:
@@ -110,12 +135,88 @@ def build_tokenizer(kind: str, cfg: dict, text: str, train_text: str, log_dir: P
                                         byte_fallback=byte_fallback)
 
 
+def _check_init_from_options(args: argparse.Namespace) -> None:
+    """Refuse the options that contradict `--init-from` (the model comes from the checkpoint)."""
+    if args.resume:
+        raise ValueError("--init-from starts a new run from another run's weights and --resume continues this "
+                         "experiment's own latest checkpoint; give one of them (a fine-tuning run that stopped "
+                         "continues with --resume --experiment-name NAME, without --init-from)")
+    if args.preset or args.config:
+        raise ValueError(f"--init-from takes the model from the checkpoint, so the preset "
+                         f"{args.preset or args.config!r} cannot apply; leave it out and change training settings "
+                         "with --lr, --max-steps or --set training.KEY=VALUE")
+    model_sets = [item for item in args.set if item.split("=", 1)[0].strip().startswith("model.")]
+    if model_sets:
+        raise ValueError(f"--init-from keeps the checkpoint's model config, so --set {model_sets[0]} cannot apply; "
+                         "leave it out (training.KEY=VALUE settings can change)")
+    if args.tokenizer != "auto":
+        raise ValueError(f"--init-from uses the checkpoint's own tokenizer, so --tokenizer {args.tokenizer} cannot "
+                         "apply; leave it out")
+    if not args.experiment_name:
+        raise ValueError("--init-from needs --experiment-name NAME, a new name for the fine-tuning run "
+                         "(its checkpoints go to checkpoints/NAME/ and its log to logs/NAME/)")
+
+
+def _load_init_checkpoint(args: argparse.Namespace):
+    """The model, tokenizer and metadata of `--init-from` (weights_only=True, checked by the loader)."""
+    path = Path(args.init_from)
+    try:
+        model, tokenizer, meta = load_model_from_checkpoint(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(f"--init-from: {exc}") from exc
+    if tokenizer is None:
+        raise ValueError(f"--init-from: {path} stores no tokenizer, so a new text cannot be encoded the way the "
+                         "model was trained; use a checkpoint written by `train` or `export --format production`")
+    source_name = (meta["config"].get("training") or {}).get("experiment_name")
+    new_dir = Path(args.checkpoint_dir) / args.experiment_name
+    if args.experiment_name == source_name or path.resolve().parent == new_dir.resolve():
+        raise ValueError(f"--experiment-name {args.experiment_name!r} is the run {path} comes from; a fine-tuning "
+                         "run needs a new name, so that it neither mixes with nor deletes the source's "
+                         f"checkpoints (e.g. --experiment-name {args.experiment_name}_finetune)")
+    return model, tokenizer, meta
+
+
+def _finetune_config_to_resume(args: argparse.Namespace) -> dict | None:
+    """The stored config of the fine-tuning run that `--resume` continues; None for any other run.
+
+    A run started with --init-from has no preset behind it: its model config and training settings
+    live only in its own checkpoints, so resuming it reads them from there.
+    """
+    if not args.resume or args.preset or args.config or not args.experiment_name:
+        return None
+    latest = CheckpointManager(Path(args.checkpoint_dir) / args.experiment_name).latest()
+    if latest is None:
+        return None  # the resume step below explains that there is nothing to resume
+    config = load_checkpoint(latest, mmap=True)["config"]
+    return config if config.get("init_from") else None
+
+
+def _config_from_checkpoint(config: dict) -> dict:
+    """A preset-style dict from a checkpoint's config: its model, and its run's training settings
+    without the ones that belong to that run or machine (`RUN_SETTINGS`)."""
+    training = {k: v for k, v in (config.get("training") or {}).items() if k not in RUN_SETTINGS}
+    return {"model_type": config.get("model_type", "gpt"), "model": dict(config.get("model") or {}),
+            "training": training}
+
+
 def run(args: argparse.Namespace) -> int:
     if args.preset and args.config and args.preset != args.config:
         raise ValueError(f"two configs given ({args.preset!r} and --config {args.config!r}); give one")
-    config_name = args.preset or args.config or "tiny"
-    cfg = apply_overrides(load_preset(config_name), args.set)
-    preset_label = Path(config_name).stem
+    source_model = source_tokenizer = source_meta = None  # fine-tuning: what --init-from holds
+    if args.init_from:
+        _check_init_from_options(args)
+        source_model, source_tokenizer, source_meta = _load_init_checkpoint(args)
+    # A fine-tuning run (new, or resumed) has no preset: its model and recipe come from a checkpoint.
+    stored = source_meta["config"] if source_meta else _finetune_config_to_resume(args)
+    if stored is not None:
+        cfg = apply_overrides(_config_from_checkpoint(stored), args.set)
+        preset_label = (stored.get("data") or {}).get("preset") or "checkpoint"
+        init_from = str(args.init_from) if source_meta else stored["init_from"]
+    else:
+        config_name = args.preset or args.config or "tiny"
+        cfg = apply_overrides(load_preset(config_name), args.set)
+        preset_label = Path(config_name).stem
+        init_from = None
     training = dict(cfg.get("training") or {})
     for key, value in (("max_steps", args.max_steps), ("seed", args.seed), ("device", args.device),
                        ("batch_size", args.batch_size), ("lr", args.lr), ("eval_interval", args.eval_interval),
@@ -139,7 +240,12 @@ def run(args: argparse.Namespace) -> int:
     tconfig = TrainerConfig.from_dict(training)
     tconfig.validate()
 
-    data_path = Path(args.data) if args.data else data_dir() / "tiny_shakespeare.txt"
+    if args.data:
+        data_path = Path(args.data)
+    elif stored is not None and source_meta is None and (stored.get("data") or {}).get("path"):
+        data_path = Path(stored["data"]["path"])  # resuming a fine-tuning run: its own text
+    else:
+        data_path = data_dir() / "tiny_shakespeare.txt"
     text = load_text(data_path)  # a missing file names the download command
     if not 0.0 < args.val_fraction < 0.5:
         raise ValueError(f"--val-fraction must be between 0 and 0.5, got {args.val_fraction}")
@@ -152,8 +258,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--resume and --overwrite contradict each other; give one")
     if not args.resume and not args.overwrite and (manager.latest() or manager.best()):
         latest = manager.latest() or manager.best()
+        resume = "--resume (without --init-from)" if args.init_from else "--resume"
         raise ValueError(
-            f"{manager.directory} already holds checkpoints of an earlier run ({latest.name}); add --resume "
+            f"{manager.directory} already holds checkpoints of an earlier run ({latest.name}); add {resume} "
             "to continue it, --overwrite to start over, or choose another --experiment-name"
         )
     if args.resume:
@@ -165,17 +272,30 @@ def run(args: argparse.Namespace) -> int:
             )
         resume_ckpt = latest
         tokenizer = tokenizer_from_checkpoint(load_checkpoint(latest, mmap=True))  # the run's own vocabulary
+    elif source_tokenizer is not None:
+        tokenizer = source_tokenizer  # the model can only read what its tokenizer produced
     else:
         tokenizer = build_tokenizer(args.tokenizer, cfg, text, train_text, run_dir)
-    if isinstance(tokenizer, CharTokenizer):
-        cfg["model"]["vocab_size"] = tokenizer.vocab_size
-    elif tokenizer.vocab_size > cfg["model"].get("vocab_size", 0):
-        cfg["model"]["vocab_size"] = tokenizer.vocab_size
+    if source_model is None:
+        if isinstance(tokenizer, CharTokenizer):
+            cfg["model"]["vocab_size"] = tokenizer.vocab_size
+        elif tokenizer.vocab_size > cfg["model"].get("vocab_size", 0):
+            cfg["model"]["vocab_size"] = tokenizer.vocab_size
+    elif isinstance(tokenizer, CharTokenizer):
+        # Name every character the source's vocabulary lacks at once, not just the first one.
+        # (SentencePiece encodes unseen characters as it did in the source run: as bytes, or as <unk>.)
+        check_vocabulary(text, tokenizer, fix=(
+            f"the checkpoint's character-level model knows only the {tokenizer.vocab_size} characters it was "
+            f"trained on: replace or remove these in {data_path} (in Python, "
+            "tiny_transformer.finetune.fit_to_vocabulary(text, tokenizer) does it), or fine-tune on another text"))
 
     train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
     val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
-    set_seed(tconfig.seed)  # the initial weights depend on the seed only
-    model = build_model(cfg)
+    if source_model is not None:
+        model = source_model  # the source's weights; the Trainer builds a fresh optimizer and schedule
+    else:
+        set_seed(tconfig.seed)  # the initial weights depend on the seed only
+        model = build_model(cfg)
     if "sample_prompt" not in training:
         prompt = "ROMEO:"
         try:
@@ -189,6 +309,8 @@ def run(args: argparse.Namespace) -> int:
     chars_per_token = len(val_text) / max(1, len(val_ids))
     run_info = {"data": {"path": str(data_path), "val_fraction": args.val_fraction, "preset": preset_label},
                 "chars_per_token": chars_per_token}
+    if init_from is not None:
+        run_info["init_from"] = init_from  # marks a fine-tuning run (and lets --resume find its config)
     trainer = Trainer(model, tconfig, train_ids, val_ids, tokenizer=tokenizer, run_info=run_info)
     tokens_per_step = trainer.tokens_per_step
     print(f"device: {trainer.device} ({trainer.precision}), torch {torch.__version__}, "
@@ -197,6 +319,11 @@ def run(args: argparse.Namespace) -> int:
           f"(vocabulary {tokenizer.vocab_size}); {len(train_ids):,} train / {len(val_ids):,} validation tokens")
     print(f"model: {preset_label} ({cfg.get('model_type', 'gpt')}), {model.num_parameters():,} parameters "
           f"({model.num_parameters(exclude_embeddings=True):,} without embeddings)")
+    if source_meta is not None:
+        source_val = source_meta["val_loss"]
+        source_val = f", val loss {source_val:.4f}" if isinstance(source_val, float) else ""
+        print(f"fine-tuning: weights, model config and tokenizer from {args.init_from} ({source_meta['kind']} "
+              f"checkpoint, step {source_meta['step']}{source_val}); a fresh optimizer and schedule from step 0")
     budget = f", at most {tconfig.max_time:g} s" if tconfig.max_time else ""
     print(f"training: {tconfig.max_steps} steps{budget}, {tokens_per_step:,} tokens per step "
           f"(batch {tconfig.batch_size} x accumulation {tconfig.grad_accum_steps} x context {trainer.seq_len}), "
