@@ -85,15 +85,29 @@ def test_plot_heatmap_annotates_and_labels():
 
 
 def test_plot_curves_lines_and_log_axes():
-    ax = viz.plot_curves([1, 2, 4, 8], {"raw": [1, 2, 4, 8], "scaled": [1, 1, 1, 1]}, logx=True,
+    ax = viz.plot_curves([1, 2, 4, 8], {"raw": [1, 2, 4, 8], "scaled": [1, 1, 1, 1]}, logx=2,
                          logy=True, markers=True, xlabel="d")
     assert [line.get_label() for line in ax.get_lines()] == ["raw", "scaled"]
     assert list(ax.get_lines()[0].get_ydata()) == [1, 2, 4, 8]
+    assert ax.get_lines()[0].get_marker() == "o"
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert ax.xaxis.get_transform().base == 2
+    ax = viz.plot_curves(torch.tensor([1e-4, 1e-3, 1e-2]), {"val loss": torch.tensor([2.1, 1.8, 2.5])}, logx=True)
+    assert ax.xaxis.get_transform().base == 10  # True: decades, for learning rates
+    assert ax.get_lines()[0].get_marker() == "None"  # smooth curves by default
     with pytest.raises(ValueError, match="3 values for 4 x values"):
         viz.plot_curves([1, 2, 3, 4], {"bad": [1, 2, 3]})
     with pytest.raises(ValueError, match="non-empty dict"):
         viz.plot_curves([1], {})
+    with pytest.raises(ValueError, match="logx=0.5 is not a log base"):
+        viz.plot_curves([1, 2], {"y": [1, 2]}, logx=0.5)
+
+
+def test_plot_sweep_is_plot_curves_with_markers():
+    fig, ax = plt.subplots()
+    out = viz.plot_sweep([1e-4, 1e-3], {"loss": [2.0, 1.5]}, ax, xlabel="lr", title="sweep", logx=True)
+    assert out is ax and ax.get_title() == "sweep" and ax.get_xlabel() == "lr"
+    assert ax.get_lines()[0].get_marker() == "o" and ax.xaxis.get_transform().base == 10
 
 
 def test_plot_bars_single_grouped_and_highlight():

@@ -243,28 +243,6 @@ def plot_runs(runs: dict, ax=None, which: str = "val", title: str | None = None,
     return ax
 
 
-def plot_sweep(x, series: dict, ax=None, xlabel: str = "", ylabel: str = "", title: str = "",
-               logx: bool = False):
-    """Line plot of one or more measured series against a swept setting: {label: [y per x]}."""
-    if not isinstance(series, dict) or not series:
-        raise ValueError("plot_sweep expects a non-empty dict {label: values}")
-    x = list(x)
-    ax = _new_ax(ax)
-    for label, ys in series.items():
-        ys = list(ys)
-        if len(ys) != len(x):
-            raise ValueError(f"series {label!r} has {len(ys)} values for {len(x)} x positions")
-        ax.plot(x, ys, "o-", label=label)
-    if logx:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return ax
-
-
 # --------------------------------------------------------------------------------------------
 # Modules 01-04: attention maps, heatmaps, function curves and bar charts
 # --------------------------------------------------------------------------------------------
@@ -382,15 +360,19 @@ def plot_attention_heads(weights, tokens=None, *, titles=None, ncols: int = 4, s
 
 
 def plot_curves(x, curves: dict, ax=None, *, xlabel: str = "", ylabel: str = "", title: str = "",
-                logx: bool = False, logy: bool = False, markers: bool = False, figsize=(6, 4)):
+                logx: bool | float = False, logy: bool = False, markers: bool = False, figsize=(6, 4)):
     """Several lines y(x) on one set of axes: {legend label: y values}. Returns the Axes.
 
     For smooth functions (activation curves) leave `markers` off; for a handful of measured points
-    (variance per dimension, gradient norm per layer) turn it on. `logx` uses base 2.
+    (variance per dimension, gradient norm per layer, a learning-rate sweep) turn it on.
+    `logx=True` draws x on a base-10 log scale (learning rates); a number picks the base, e.g.
+    `logx=2` for dimensions 1, 2, 4, 8, ...
     """
     xs = _as_array(x, "x", 1)
     if not isinstance(curves, dict) or not curves:
         raise ValueError("plot_curves expects a non-empty dict {label: y values}")
+    if logx and logx is not True and not (isinstance(logx, (int, float)) and logx > 1):
+        raise ValueError(f"logx={logx!r} is not a log base; use True (base 10) or a base above 1 such as 2")
     ax = _new_ax(ax, figsize)
     for label, ys in curves.items():
         ys = _as_array(ys, f"curve {label!r}", 1)
@@ -398,7 +380,7 @@ def plot_curves(x, curves: dict, ax=None, *, xlabel: str = "", ylabel: str = "",
             raise ValueError(f"curve {label!r} has {len(ys)} values for {len(xs)} x values")
         ax.plot(xs, ys, "o-" if markers else "-", markersize=4, label=str(label))
     if logx:
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log", base=10 if logx is True else logx)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -407,6 +389,15 @@ def plot_curves(x, curves: dict, ax=None, *, xlabel: str = "", ylabel: str = "",
     ax.grid(alpha=0.3)
     ax.legend()
     return ax
+
+
+def plot_sweep(x, series: dict, ax=None, **options):
+    """`plot_curves` with a marker on every point: one measured value per swept setting.
+
+    The name the sweeps of Modules 08 and 09 use; it takes the same keyword arguments.
+    """
+    options.setdefault("markers", True)
+    return plot_curves(x, series, ax, **options)
 
 
 def plot_bars(labels, values, ax=None, *, title: str = "", ylabel: str = "", ylim=None,
