@@ -103,9 +103,9 @@ def test_plot_curves_lines_and_log_axes():
         viz.plot_curves([1, 2], {"y": [1, 2]}, logx=0.5)
 
 
-def test_plot_sweep_is_plot_curves_with_markers():
+def test_plot_curves_with_markers_for_a_sweep():
     fig, ax = plt.subplots()
-    out = viz.plot_sweep([1e-4, 1e-3], {"loss": [2.0, 1.5]}, ax, xlabel="lr", title="sweep", logx=True)
+    out = viz.plot_curves([1e-4, 1e-3], {"loss": [2.0, 1.5]}, ax, xlabel="lr", title="sweep", logx=True, markers=True)
     assert out is ax and ax.get_title() == "sweep" and ax.get_xlabel() == "lr"
     assert ax.get_lines()[0].get_marker() == "o" and ax.xaxis.get_transform().base == 10
 

@@ -391,15 +391,6 @@ def plot_curves(x, curves: dict, ax=None, *, xlabel: str = "", ylabel: str = "",
     return ax
 
 
-def plot_sweep(x, series: dict, ax=None, **options):
-    """`plot_curves` with a marker on every point: one measured value per swept setting.
-
-    The name the sweeps of Modules 08 and 09 use; it takes the same keyword arguments.
-    """
-    options.setdefault("markers", True)
-    return plot_curves(x, series, ax, **options)
-
-
 def plot_bars(labels, values, ax=None, *, title: str = "", ylabel: str = "", ylim=None,
               highlight: int | None = None, figsize=(6, 3.5)):
     """Bars for one series (a list of numbers) or grouped bars ({legend label: numbers}).
