@@ -11,8 +11,9 @@
  *     published llama2.c models (stories15M.bin, ...) run unchanged.
  *   - our extended format (256-byte header starting with a magic number and a version) for what
  *     version 0 cannot say: QK-norm, logit soft-capping, RoPE theta, norm eps, sliding-window
- *     attention, a padded classifier and int8 (Q8_0) weights. Its first int32 is negative, so a
- *     version-0 reader sees "dim < 0" and refuses it instead of misreading it.
+ *     attention, a padded classifier and int8 (Q8_0) weights, which run.c multiplies by int8-quantized
+ *     activations in integer arithmetic. Its first int32 is negative, so a version-0 reader sees
+ *     "dim < 0" and refuses it instead of misreading it.
  * native/README.md documents both byte by byte.
  *
  * Every number in a file is checked before it is trusted: dimensions, their consistency, and that the
@@ -40,7 +41,8 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(RUN_NO_VECTORS) && \
+    (defined(__AVX512F__) || defined(__AVX2__))
 #include <immintrin.h>
 #endif
 
@@ -68,19 +70,6 @@ static inline vfloat vload(const float *p) {
 
 static inline void vstore(float *p, vfloat v) { memcpy(p, &v, sizeof(v)); }
 
-/* VLEN int8 values as floats. Compilers turn the generic loop into slow code, so x86 gets the
- * sign-extend + convert instruction pair it has for exactly this. */
-static inline vfloat vload_i8(const int8_t *p) {
-#if defined(__AVX512F__)
-    return (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(const void *)p)));
-#elif defined(__AVX2__)
-    return (vfloat)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p)));
-#else
-    float f[VLEN];
-    for (int i = 0; i < VLEN; i++) f[i] = (float)p[i];
-    return vload(f);
-#endif
-}
 /* Lane-wise choice: mask lanes are all ones (take a) or all zeros (take b), as comparisons give. */
 typedef int32_t vint __attribute__((vector_size(VLEN * sizeof(int32_t))));
 typedef uint32_t vuint __attribute__((vector_size(VLEN * sizeof(uint32_t))));
@@ -521,22 +510,65 @@ static unsigned char *read_file(const char *path, const char *what, uint64_t *si
  * Packed weights and the matrix-vector product
  *
  * Matrix-vector products dominate the run time: every weight is read once per token. To make them
- * fast, each weight matrix is rearranged once, at load time, into "panels" of PANEL rows: panel p
- * holds, for column j = 0, 1, ..., the PANEL weights W[p*PANEL + r][j] (r = 0..PANEL-1) side by
- * side. Then out = W x is, panel by panel, "for each column j: out[panel] += W[panel][j] * x[j]",
- * one vector multiply-add per column that updates PANEL outputs at once. There are no horizontal
- * sums, the weights are read strictly in order, and four panels share every load of x[j].
- * Rows past the end of the matrix (in its last panel) are zero and never stored.
- * Q8_0 matrices keep their int8 values in the same layout, and their scales as
- * [panel][group][PANEL]; each group's sum is scaled once.
+ * fast, each weight matrix is rearranged once, at load time, into "panels" of rows that the product
+ * reads strictly in order, with no horizontal sums.
+ *
+ * fp32: panels of PANEL rows. Panel p holds, for column j = 0, 1, ..., the PANEL weights
+ * W[p*PANEL + r][j] (r = 0..PANEL-1) side by side. Then out = W x is, panel by panel, "for each
+ * column j: out[panel] += W[panel][j] * x[j]", one vector multiply-add per column that updates PANEL
+ * outputs at once, and four panels share every load of x[j].
+ *
+ * Q8_0: integer dot products. The file stores each weight as an int8 q_w and one fp32 scale per
+ * group of gs consecutive weights of a row: W[r][j] = q_w[r][j] * ws[r][g] with g = j / gs. Before
+ * a product, run.c quantizes the input vector the same way (quantize_vec): per group of gs entries,
+ * xs[g] = max|x| / 127 and q_x[j] = x[j] / xs[g] rounded to the nearest integer (ties to even), so
+ * that x[j] ~ q_x[j] * xs[g]. Then
+ *
+ *     out[r] = sum over groups g of  ws[r][g] * xs[g] * (sum over j in group g of q_w[r][j] * q_x[j])
+ *
+ * where the inner sum is exact integer arithmetic on bytes. That is the point: with AVX-512 VNNI
+ * one instruction (vpdpbusd) does 64 byte multiply-adds into 16 int32 sums, four times the work of
+ * an fp32 multiply-add instruction, on weights that take a quarter of the bytes. The price is a
+ * second rounding: the product sees x rounded to 8 bits per group (an error of at most xs[g] / 2 per
+ * entry) on top of the rounded weights. native/README.md gives its measured effect on the logits.
+ *
+ * vpdpbusd multiplies UNSIGNED bytes by SIGNED bytes. The weights are therefore stored offset,
+ * u = q_w + 128 (0..255), and the activations stay signed. The offset adds 128 * (sum of the group's
+ * q_x) to every row's sum; quantize_vec computes that once per group and the kernels start each
+ * group's int32 sums at -128 * sum(q_x) (`bias`), which cancels it exactly.
+ *
+ * Q8_0 panels have Q8_ROWS = 16 rows whatever the vector width, stored group after group. A group
+ * is gs/4 blocks of 64 bytes, one per 4 consecutive columns ("quad"), each holding the 16 rows'
+ * 4 bytes row after row: [row 0: u[j..j+3]][row 1: u[j..j+3]]...[row 15: ...]. Read as 16 int32 lanes,
+ * lane r is row r, exactly what vpdpbusd multiplies by 4 bytes of x broadcast to every lane. The
+ * group's 16 row scales (64 bytes) follow its blocks, so a panel is one stream of 64-byte pieces.
+ * The 256-bit AVX-VNNI kernel reads each block as two halves of 8 rows; the plain-C kernel loops.
+ *
+ * Rows past the end of a matrix (in its last panel) are zero weights (u = 128, scale 0); their
+ * outputs are computed and dropped.
  */
+
+#define Q8_ROWS 16 /* rows per Q8_0 panel */
+
+#if defined(HAVE_VEC) && defined(__AVX512F__) && defined(__AVX512VNNI__)
+#define Q8_AVX512 1 /* 16 rows per vector: one vpdpbusd per panel and quad */
+#elif defined(HAVE_VEC) && defined(__AVXVNNI__)
+#define Q8_AVX256 1 /* 8 rows per vector (AVX-VNNI, e.g. CPUs without AVX-512) */
+#endif
 
 typedef struct {
     int rows, cols;
-    float *f;  /* fp32 panels, or NULL for Q8_0 */
-    int8_t *q; /* int8 panels (Q8_0) */
-    float *s;  /* group scales (Q8_0) */
+    int group_size; /* Q8_0 */
+    float *f;       /* fp32 panels, or NULL for Q8_0 */
+    uint8_t *q;     /* Q8_0 panels: offset weights and group scales, see above */
 } Matrix;
+
+/* The int8 version of a vector, made by quantize_vec for the Q8_0 kernels. */
+typedef struct {
+    int8_t *q;     /* quantized entries, -127..127 */
+    float *scale;  /* per group: max |x| / 127 (0 for an all-zero group) */
+    int32_t *bias; /* per group: -128 * (sum of its q), cancels the weights' +128 offset */
+} QuantVec;
 
 typedef struct {
     Matrix token_embedding;                   /* (vocab, dim); also the classifier when shared */
@@ -554,40 +586,51 @@ static float load_f32(const unsigned char *p) {
 }
 
 static size_t panels_of(int rows) { return ((size_t)rows + PANEL - 1) / PANEL; }
+static size_t q8_panels_of(int rows) { return ((size_t)rows + Q8_ROWS - 1) / Q8_ROWS; }
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
+/* Bytes of one Q8_0 group in a panel: gs/4 blocks of 64 bytes, then 16 float scales. */
+static size_t q8_group_bytes(int gs) { return (size_t)gs / 4 * 64 + Q8_ROWS * sizeof(float); }
+
 static size_t packed_bytes(const Config *c, int rows, int cols) {
-    size_t n = panels_of(rows) * PANEL * (size_t)cols;
-    if (c->weight_type == WT_Q8) return align64(n) + align64(n / (size_t)c->group_size * sizeof(float));
-    return align64(n * sizeof(float));
+    if (c->weight_type == WT_Q8)
+        return q8_panels_of(rows) * (size_t)(cols / c->group_size) * q8_group_bytes(c->group_size);
+    return align64(panels_of(rows) * PANEL * (size_t)cols * sizeof(float));
 }
 
 /* Fill matrix m (rows x cols) from the file tensor t, starting at row `row0` (layer offset), using
  * memory at *cursor. */
 static void pack_matrix(Matrix *m, const Config *c, Tensor t, size_t row0, int rows, int cols,
                         unsigned char **cursor) {
-    size_t np = panels_of(rows), n = np * PANEL * (size_t)cols, ncols = (size_t)cols;
-    m->rows = rows, m->cols = cols, m->f = NULL, m->q = NULL, m->s = NULL;
+    size_t ncols = (size_t)cols;
+    m->rows = rows, m->cols = cols, m->group_size = 0, m->f = NULL, m->q = NULL;
     if (c->weight_type == WT_F32) {
+        size_t n = panels_of(rows) * PANEL * ncols;
         m->f = (float *)(void *)*cursor;
         *cursor += align64(n * sizeof(float));
         memset(m->f, 0, n * sizeof(float));
         for (size_t row = 0; row < (size_t)rows; row++)
             for (size_t j = 0; j < ncols; j++)
                 m->f[((row / PANEL) * ncols + j) * PANEL + row % PANEL] = load_f32(t.data + ((row0 + row) * ncols + j) * 4);
-    } else {
-        size_t gs = (size_t)c->group_size, groups = ncols / gs;
-        m->q = (int8_t *)(void *)*cursor;
-        *cursor += align64(n);
-        m->s = (float *)(void *)*cursor;
-        *cursor += align64(n / gs * sizeof(float));
-        memset(m->q, 0, n);
-        memset(m->s, 0, n / gs * sizeof(float));
-        for (size_t row = 0; row < (size_t)rows; row++) {
-            for (size_t j = 0; j < ncols; j++)
-                m->q[((row / PANEL) * ncols + j) * PANEL + row % PANEL] = (int8_t)t.data[(row0 + row) * ncols + j];
-            for (size_t g = 0; g < groups; g++)
-                m->s[((row / PANEL) * groups + g) * PANEL + row % PANEL] = load_f32(t.scales + ((row0 + row) * groups + g) * 4);
+        return;
+    }
+    size_t gs = (size_t)c->group_size, groups = ncols / gs, gbytes = q8_group_bytes(c->group_size);
+    size_t np = q8_panels_of(rows);
+    m->group_size = c->group_size;
+    m->q = *cursor;
+    *cursor += np * groups * gbytes;
+    for (size_t p = 0; p < np; p++) {
+        for (size_t g = 0; g < groups; g++) {
+            uint8_t *block = m->q + (p * groups + g) * gbytes;
+            float *scales = (float *)(void *)(block + gs / 4 * 64);
+            for (size_t r = 0; r < Q8_ROWS; r++) {
+                size_t row = p * Q8_ROWS + r;
+                for (size_t j = 0; j < gs; j++) { /* int8 -> offset uint8: flipping the top bit adds 128 */
+                    uint8_t b = row < (size_t)rows ? t.data[(row0 + row) * ncols + g * gs + j] : 0;
+                    block[j / 4 * 64 + r * 4 + j % 4] = (uint8_t)(b ^ 0x80u);
+                }
+                scales[r] = row < (size_t)rows ? load_f32(t.scales + ((row0 + row) * groups + g) * 4) : 0.0f;
+            }
         }
     }
 }
@@ -699,82 +742,239 @@ static void matmul_f32(float *out, const float *x, const Matrix *m) {
     }
 }
 
-/* out = W x for a Q8_0 matrix: W[i][j] = q[i][j] * scale[i][j / gs]. x stays fp32, so the result
- * equals an fp32 product with the dequantised weights, up to rounding order. */
-static void matmul_q8(float *out, const float *x, const Matrix *m, int gs) {
-    int n = m->cols, np = (int)panels_of(m->rows), groups = n / gs;
+/* Quantize x (n entries, groups of gs) for the Q8_0 kernels; see "Q8_0" above. In float32: scale =
+ * max|x| / 127, q = round-to-nearest-even(x * (1 / scale)); an all-zero group gets scale 0 and q 0.
+ * (tiny_transformer.export.quantize_input_q8_0 does the same in PyTorch.) The clamp to +-127 only
+ * matters for inputs holding inf or NaN, which then give a NaN or inf scale, as an fp32 product
+ * would; it keeps every conversion to int defined. */
+static void quantize_vec(QuantVec *v, const float *x, int n, int gs) {
+    for (int g = 0; g < n / gs; g++) {
+        const float *xg = x + (size_t)g * gs;
+        int8_t *qg = v->q + (size_t)g * gs;
+        float amax = 0.0f;
+        int32_t sum = 0;
+        int j = 0;
+#if defined(Q8_AVX512)
+        if (gs % 16 == 0) {
+            __m512 m = _mm512_setzero_ps();
+            for (j = 0; j < gs; j += 16) m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xg + j)), m); /* NaN: skipped */
+            amax = _mm512_reduce_max_ps(m);
+        }
+#endif
+        for (; j < gs; j++) amax = fabsf(xg[j]) > amax ? fabsf(xg[j]) : amax;
+        float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        j = 0;
+#if defined(Q8_AVX512)
+        if (gs % 16 == 0) {
+            __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+            __m512i s = _mm512_setzero_si512();
+            for (; j < gs; j += 16) {
+                __m512 f = _mm512_mul_ps(_mm512_loadu_ps(xg + j), vinv);
+                f = _mm512_min_ps(_mm512_max_ps(f, lo), hi); /* max(NaN, lo) = lo, as below */
+                __m512i q = _mm512_cvtps_epi32(f);          /* rounds to nearest, ties to even */
+                _mm_storeu_si128((__m128i *)(void *)(qg + j), _mm512_cvtepi32_epi8(q));
+                s = _mm512_add_epi32(s, q);
+            }
+            sum = _mm512_reduce_add_epi32(s);
+        }
+#endif
+        for (; j < gs; j++) {
+            float f = xg[j] * inv;
+            f = f > -127.0f ? f : -127.0f; /* NaN -> -127 */
+            f = f < 127.0f ? f : 127.0f;
+            int q = (int)rintf(f); /* the default rounding mode: to nearest, ties to even */
+            qg[j] = (int8_t)q;
+            sum += q;
+        }
+        v->scale[g] = scale;
+        v->bias[g] = -128 * sum;
+    }
+}
+
+/* The Q8_0 product for k panels (k = 1..4) that start at w, `stride` bytes apart: acc[16 * i + r]
+ * = output row r of panel i. Plain C, for every CPU, and the reference the vector kernels must
+ * match (native/bench/kernels.c checks): the int32 sums are exact, so only the float rounding of
+ * the final sums may differ. */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((unused)) /* only called where no vector kernel exists */
+#endif
+static void q8_panels_c(float *acc, const QuantVec *xq, const uint8_t *w, size_t stride, int k, int gs,
+                        int groups) {
+    for (int i = 0; i < k; i++) {
+        const uint8_t *p = w + (size_t)i * stride;
+        float *t = acc + Q8_ROWS * i;
+        for (int r = 0; r < Q8_ROWS; r++) t[r] = 0.0f;
+        for (int g = 0; g < groups; g++) {
+            const int8_t *x = xq->q + (size_t)g * gs;
+            int32_t a[Q8_ROWS];
+            for (int r = 0; r < Q8_ROWS; r++) a[r] = xq->bias[g];
+            for (int j = 0; j < gs; j += 4, p += 64)
+                for (int r = 0; r < Q8_ROWS; r++)
+                    a[r] += p[4 * r] * x[j] + p[4 * r + 1] * x[j + 1] + p[4 * r + 2] * x[j + 2] + p[4 * r + 3] * x[j + 3];
+            const float *ws = (const float *)(const void *)p; /* the group's row scales */
+            p += Q8_ROWS * sizeof(float);
+            for (int r = 0; r < Q8_ROWS; r++) t[r] += (float)a[r] * (ws[r] * xq->scale[g]);
+        }
+    }
+}
+
+#if defined(Q8_AVX512) || defined(Q8_AVX256)
+static int32_t load_i32(const int8_t *p) { /* 4 bytes of x, to broadcast to every lane */
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+#endif
+
+#if defined(Q8_AVX512)
+/* AVX-512 VNNI: one 64-byte block is one vector of 16 int32 lanes (rows) of 4 bytes (columns).
+ * Per group, each panel's sums grow in two chains (even and odd quads) so that consecutive
+ * vpdpbusd do not wait for each other; the 4 panels share each broadcast of 4 bytes of x. */
+static void q8_panels(float *acc, const QuantVec *xq, const uint8_t *w, size_t stride, int k, int gs, int groups) {
+    const int quads = gs / 4;
+    const size_t gbytes = q8_group_bytes(gs);
+    if (k == 4) {
+        const uint8_t *w0 = w, *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;
+        __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+        for (int g = 0; g < groups; g++) {
+            const int8_t *x = xq->q + (size_t)g * gs;
+            __m512i a0 = _mm512_set1_epi32(xq->bias[g]), a1 = a0, a2 = a0, a3 = a0; /* even quads */
+            __m512i b0 = _mm512_setzero_si512(), b1 = b0, b2 = b0, b3 = b0;         /* odd quads */
+            int j = 0;
+            for (; j + 1 < quads; j += 2) {
+                __m512i x0 = _mm512_set1_epi32(load_i32(x + 4 * j)), x1 = _mm512_set1_epi32(load_i32(x + 4 * j + 4));
+                size_t o = (size_t)j * 64;
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(w0 + o), x0);
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(w1 + o), x0);
+                a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(w2 + o), x0);
+                a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(w3 + o), x0);
+                o += 64;
+                b0 = _mm512_dpbusd_epi32(b0, _mm512_loadu_si512(w0 + o), x1);
+                b1 = _mm512_dpbusd_epi32(b1, _mm512_loadu_si512(w1 + o), x1);
+                b2 = _mm512_dpbusd_epi32(b2, _mm512_loadu_si512(w2 + o), x1);
+                b3 = _mm512_dpbusd_epi32(b3, _mm512_loadu_si512(w3 + o), x1);
+            }
+            if (j < quads) { /* gs/4 is odd */
+                __m512i x0 = _mm512_set1_epi32(load_i32(x + 4 * j));
+                size_t o = (size_t)j * 64;
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(w0 + o), x0);
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(w1 + o), x0);
+                a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(w2 + o), x0);
+                a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(w3 + o), x0);
+            }
+            /* t += float(sum) * (weight scale * input scale), per row */
+            __m512 xs = _mm512_set1_ps(xq->scale[g]);
+            size_t so = (size_t)quads * 64;
+            t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, b0)),
+                                 _mm512_mul_ps(_mm512_loadu_ps((const float *)(const void *)(w0 + so)), xs), t0);
+            t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a1, b1)),
+                                 _mm512_mul_ps(_mm512_loadu_ps((const float *)(const void *)(w1 + so)), xs), t1);
+            t2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a2, b2)),
+                                 _mm512_mul_ps(_mm512_loadu_ps((const float *)(const void *)(w2 + so)), xs), t2);
+            t3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a3, b3)),
+                                 _mm512_mul_ps(_mm512_loadu_ps((const float *)(const void *)(w3 + so)), xs), t3);
+            w0 += gbytes, w1 += gbytes, w2 += gbytes, w3 += gbytes;
+        }
+        _mm512_storeu_ps(acc, t0), _mm512_storeu_ps(acc + 16, t1);
+        _mm512_storeu_ps(acc + 32, t2), _mm512_storeu_ps(acc + 48, t3);
+        return;
+    }
+    for (int i = 0; i < k; i++) { /* the last 1-3 panels of a matrix, one at a time */
+        const uint8_t *p = w + (size_t)i * stride;
+        __m512 t = _mm512_setzero_ps();
+        for (int g = 0; g < groups; g++, p += gbytes) {
+            const int8_t *x = xq->q + (size_t)g * gs;
+            __m512i a = _mm512_set1_epi32(xq->bias[g]), b = _mm512_setzero_si512();
+            int j = 0;
+            for (; j + 1 < quads; j += 2) {
+                a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512(p + (size_t)j * 64), _mm512_set1_epi32(load_i32(x + 4 * j)));
+                b = _mm512_dpbusd_epi32(b, _mm512_loadu_si512(p + (size_t)j * 64 + 64),
+                                        _mm512_set1_epi32(load_i32(x + 4 * j + 4)));
+            }
+            if (j < quads)
+                a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512(p + (size_t)j * 64), _mm512_set1_epi32(load_i32(x + 4 * j)));
+            __m512 s = _mm512_mul_ps(_mm512_loadu_ps((const float *)(const void *)(p + (size_t)quads * 64)),
+                                     _mm512_set1_ps(xq->scale[g]));
+            t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, b)), s, t);
+        }
+        _mm512_storeu_ps(acc + Q8_ROWS * i, t);
+    }
+}
+#elif defined(Q8_AVX256)
+/* AVX-VNNI (256-bit): a 64-byte block is two vectors, rows 0-7 and rows 8-15. Panels go in pairs:
+ * four chains of sums, sharing each broadcast of 4 bytes of x. */
+static void q8_panels(float *acc, const QuantVec *xq, const uint8_t *w, size_t stride, int k, int gs, int groups) {
+    const int quads = gs / 4;
+    const size_t gbytes = q8_group_bytes(gs);
+    for (int i = 0; i < k; i += 2) {
+        const uint8_t *p0 = w + (size_t)i * stride, *p1 = i + 1 < k ? p0 + stride : p0; /* a lone panel: twice */
+        __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+        for (int g = 0; g < groups; g++, p0 += gbytes, p1 += gbytes) {
+            const int8_t *x = xq->q + (size_t)g * gs;
+            __m256i a0 = _mm256_set1_epi32(xq->bias[g]), a1 = a0, a2 = a0, a3 = a0;
+            for (int j = 0; j < quads; j++) {
+                __m256i xb = _mm256_set1_epi32(load_i32(x + 4 * j));
+                const uint8_t *b0 = p0 + (size_t)j * 64, *b1 = p1 + (size_t)j * 64;
+                a0 = _mm256_dpbusd_avx_epi32(a0, _mm256_loadu_si256((const __m256i *)(const void *)b0), xb);
+                a1 = _mm256_dpbusd_avx_epi32(a1, _mm256_loadu_si256((const __m256i *)(const void *)(b0 + 32)), xb);
+                a2 = _mm256_dpbusd_avx_epi32(a2, _mm256_loadu_si256((const __m256i *)(const void *)b1), xb);
+                a3 = _mm256_dpbusd_avx_epi32(a3, _mm256_loadu_si256((const __m256i *)(const void *)(b1 + 32)), xb);
+            }
+            __m256 xs = _mm256_set1_ps(xq->scale[g]);
+            const float *s0 = (const float *)(const void *)(p0 + (size_t)quads * 64);
+            const float *s1 = (const float *)(const void *)(p1 + (size_t)quads * 64);
+            t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_mul_ps(_mm256_loadu_ps(s0), xs), t0);
+            t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_mul_ps(_mm256_loadu_ps(s0 + 8), xs), t1);
+            t2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a2), _mm256_mul_ps(_mm256_loadu_ps(s1), xs), t2);
+            t3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a3), _mm256_mul_ps(_mm256_loadu_ps(s1 + 8), xs), t3);
+        }
+        float *out = acc + Q8_ROWS * i;
+        _mm256_storeu_ps(out, t0), _mm256_storeu_ps(out + 8, t1);
+        if (i + 1 < k) _mm256_storeu_ps(out + 16, t2), _mm256_storeu_ps(out + 24, t3);
+    }
+}
+#else
+#define q8_panels q8_panels_c
+#endif
+
+/* out = W x for a Q8_0 matrix, with xq = quantize_vec(x). Blocks of 4 panels are independent (and
+ * shared out among threads when compiled with OpenMP). */
+static void matmul_q8(float *out, const QuantVec *xq, const Matrix *m) {
+    int gs = m->group_size, groups = m->cols / gs, np = (int)q8_panels_of(m->rows);
+    size_t stride = (size_t)groups * q8_group_bytes(gs); /* bytes per panel */
     int p0;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static)
 #endif
     for (p0 = 0; p0 < np; p0 += 4) {
         int k = np - p0 < 4 ? np - p0 : 4;
-        float acc[4 * PANEL];
-        const int8_t *w = m->q + (size_t)p0 * n * PANEL;
-        const float *sc = m->s + (size_t)p0 * groups * PANEL;
-#ifdef HAVE_VEC
-        if (k == 4) {
-            const int8_t *w0 = w, *w1 = w0 + (size_t)n * PANEL, *w2 = w1 + (size_t)n * PANEL, *w3 = w2 + (size_t)n * PANEL;
-            const float *s0 = sc, *s1 = s0 + (size_t)groups * PANEL, *s2 = s1 + (size_t)groups * PANEL,
-                        *s3 = s2 + (size_t)groups * PANEL;
-            vfloat t0 = {0}, t1 = {0}, t2 = {0}, t3 = {0}; /* scaled totals */
-            for (int g = 0; g < groups; g++) {
-                vfloat a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-                for (int j = g * gs; j < (g + 1) * gs; j += 2) { /* gs is a multiple of 4 */
-                    float x0 = x[j], x1 = x[j + 1];
-                    size_t o = (size_t)j * PANEL;
-                    a0 += vload_i8(w0 + o) * x0, a1 += vload_i8(w1 + o) * x0;
-                    a2 += vload_i8(w2 + o) * x0, a3 += vload_i8(w3 + o) * x0;
-                    o += PANEL;
-                    b0 += vload_i8(w0 + o) * x1, b1 += vload_i8(w1 + o) * x1;
-                    b2 += vload_i8(w2 + o) * x1, b3 += vload_i8(w3 + o) * x1;
-                }
-                size_t so = (size_t)g * PANEL;
-                t0 += (a0 + b0) * vload(s0 + so), t1 += (a1 + b1) * vload(s1 + so);
-                t2 += (a2 + b2) * vload(s2 + so), t3 += (a3 + b3) * vload(s3 + so);
-            }
-            vstore(acc, t0), vstore(acc + PANEL, t1), vstore(acc + 2 * PANEL, t2), vstore(acc + 3 * PANEL, t3);
-        } else {
-            for (int q = 0; q < k; q++) {
-                const int8_t *wq = w + (size_t)q * n * PANEL;
-                const float *sq = sc + (size_t)q * groups * PANEL;
-                vfloat t = {0};
-                for (int g = 0; g < groups; g++) {
-                    vfloat a = {0};
-                    for (int j = g * gs; j < (g + 1) * gs; j++) a += vload_i8(wq + (size_t)j * PANEL) * x[j];
-                    t += a * vload(sq + (size_t)g * PANEL);
-                }
-                vstore(acc + q * PANEL, t);
-            }
-        }
-#else
-        for (int q = 0; q < k; q++) {
-            float *t = acc + q * PANEL;
-            for (int r = 0; r < PANEL; r++) t[r] = 0.0f;
-            for (int g = 0; g < groups; g++) {
-                float a[PANEL] = {0};
-                for (int j = g * gs; j < (g + 1) * gs; j++)
-                    for (int r = 0; r < PANEL; r++) a[r] += (float)w[((size_t)q * n + j) * PANEL + r] * x[j];
-                for (int r = 0; r < PANEL; r++) t[r] += a[r] * sc[((size_t)q * groups + g) * PANEL + r];
-            }
-        }
-#endif
-        int valid = m->rows - p0 * PANEL;
-        memcpy(out + (size_t)p0 * PANEL, acc, (size_t)(valid < 4 * PANEL ? valid : 4 * PANEL) * sizeof(float));
+        float acc[4 * Q8_ROWS];
+        q8_panels(acc, xq, m->q + (size_t)p0 * stride, stride, k, gs, groups);
+        int valid = m->rows - p0 * Q8_ROWS; /* the last panel may be partly padding */
+        memcpy(out + (size_t)p0 * Q8_ROWS, acc, (size_t)(valid < 4 * Q8_ROWS ? valid : 4 * Q8_ROWS) * sizeof(float));
     }
 }
 
-static void matmul(float *out, const float *x, const Matrix *m, int gs) {
+/* out = W x. Q8_0 matrices read xq, the quantized x (quantize_vec), instead of x. */
+static void matmul(float *out, const float *x, const QuantVec *xq, const Matrix *m) {
     if (m->f) matmul_f32(out, x, m);
-    else matmul_q8(out, x, m, gs);
+    else matmul_q8(out, xq, m);
 }
 
 /* Row `token` of the (packed) token embedding table, dequantised if needed. */
-static void embedding_row(float *out, const Matrix *emb, int token, int gs) {
-    size_t p = (size_t)token / PANEL, r = (size_t)token % PANEL, cols = (size_t)emb->cols;
-    for (size_t j = 0; j < cols; j++) {
-        size_t at = (p * cols + j) * PANEL + r;
-        out[j] = emb->f ? emb->f[at] : (float)emb->q[at] * emb->s[(p * (cols / gs) + j / gs) * PANEL + r];
+static void embedding_row(float *out, const Matrix *emb, int token) {
+    size_t cols = (size_t)emb->cols;
+    if (emb->f) {
+        size_t p = (size_t)token / PANEL, r = (size_t)token % PANEL;
+        for (size_t j = 0; j < cols; j++) out[j] = emb->f[(p * cols + j) * PANEL + r];
+        return;
+    }
+    size_t gs = (size_t)emb->group_size, gbytes = q8_group_bytes(emb->group_size);
+    size_t p = (size_t)token / Q8_ROWS, r = (size_t)token % Q8_ROWS;
+    for (size_t g = 0; g < cols / gs; g++) {
+        const uint8_t *block = emb->q + (p * (cols / gs) + g) * gbytes;
+        float scale = ((const float *)(const void *)(block + gs / 4 * 64))[r];
+        for (size_t j = 0; j < gs; j++) out[g * gs + j] = (float)((int)block[j / 4 * 64 + r * 4 + j % 4] - 128) * scale;
     }
 }
 
@@ -836,6 +1036,7 @@ typedef struct {
     int key_stride;         /* seq_len plus padding for whole-vector reads */
     float *value_cache;     /* (layer, seq_len, kv_dim) */
     float *rope_cos, *rope_sin; /* (seq_len, head_size / 2) */
+    QuantVec xq;            /* Q8_0: the int8 version of the next product's input (max(dim, hidden)) */
 } RunState;
 
 typedef struct {
@@ -847,6 +1048,7 @@ typedef struct {
 static void free_state(RunState *s) {
     free(s->x), free(s->xb), free(s->xb2), free(s->hb), free(s->hb2), free(s->q), free(s->k), free(s->att);
     free(s->logits), free(s->key_cache), free(s->value_cache), free(s->rope_cos), free(s->rope_sin);
+    free(s->xq.q), free(s->xq.scale), free(s->xq.bias);
     memset(s, 0, sizeof(*s));
 }
 
@@ -872,8 +1074,14 @@ static int alloc_state(RunState *s, const Config *c, Err *err) {
     s->value_cache = (float *)calloc(cache, sizeof(float));
     s->rope_cos = (float *)calloc((size_t)c->seq_len * hs / 2, sizeof(float));
     s->rope_sin = (float *)calloc((size_t)c->seq_len * hs / 2, sizeof(float));
+    size_t widest = (size_t)(c->dim > c->hidden_dim ? c->dim : c->hidden_dim); /* longest product input */
+    size_t groups = c->weight_type == WT_Q8 ? widest / (size_t)c->group_size : 1;
+    s->xq.q = (int8_t *)calloc(widest, 1);
+    s->xq.scale = (float *)calloc(groups, sizeof(float));
+    s->xq.bias = (int32_t *)calloc(groups, sizeof(int32_t));
     if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->k || !s->att || !s->logits ||
-        !s->key_cache || !s->value_cache || !s->rope_cos || !s->rope_sin) {
+        !s->key_cache || !s->value_cache || !s->rope_cos || !s->rope_sin || !s->xq.q || !s->xq.scale ||
+        !s->xq.bias) {
         free_state(s);
         return fail(err, "out of memory allocating the run state (KV cache %.1f MiB); use a model with a "
                          "smaller seq_len", cache * 8.0 / 1048576.0);
@@ -957,13 +1165,18 @@ static void rope(float *vec, int n_heads, int hs, const float *cos_row, const fl
     }
 }
 
+/* With Q8_0 weights, quantize x (n entries) into s->xq for the products that read it. */
+static void prepare_input(RunState *s, const Config *p, const float *x, int n) {
+    if (p->weight_type == WT_Q8) quantize_vec(&s->xq, x, n, p->group_size);
+}
+
 /* Run the model on one token at position `pos` (0-based) with keys/values of positions < pos
  * already in the cache. Returns the logits (vocab_size of them are meaningful). */
 static float *forward(Transformer *t, int token, int pos) {
     const Config *p = &t->config;
     const Weights *w = &t->weights;
     RunState *s = &t->state;
-    int dim = p->dim, hidden = p->hidden_dim, hs = dim / p->n_heads, gs = p->group_size;
+    int dim = p->dim, hidden = p->hidden_dim, hs = dim / p->n_heads;
     int kv_dim = hs * p->n_kv_heads, kv_mul = p->n_heads / p->n_kv_heads;
     float eps = p->norm_eps, scale = 1.0f / sqrtf((float)hs);
     const float *cos_row = s->rope_cos + (size_t)pos * (hs / 2);
@@ -971,7 +1184,7 @@ static float *forward(Transformer *t, int token, int pos) {
     int first = 0; /* earliest position this token may attend to */
     if (p->sliding_window > 0 && pos - p->sliding_window + 1 > 0) first = pos - p->sliding_window + 1;
 
-    embedding_row(s->x, &w->token_embedding, token, gs);
+    embedding_row(s->x, &w->token_embedding, token);
 
     for (int l = 0; l < p->n_layers; l++) {
         /* attention: x += wo(attend(q, k, v)) over rmsnorm(x) */
@@ -979,9 +1192,10 @@ static float *forward(Transformer *t, int token, int pos) {
         size_t layer_off = (size_t)l * p->seq_len * kv_dim;
         float *v = s->value_cache + layer_off + (size_t)pos * kv_dim; /* v goes straight into the cache */
         float *keys = s->key_cache + (size_t)l * kv_dim * s->key_stride; /* (kv_head, head_size, key_stride) */
-        matmul(s->q, s->xb, &w->wq[l], gs);
-        matmul(s->k, s->xb, &w->wk[l], gs);
-        matmul(v, s->xb, &w->wv[l], gs);
+        prepare_input(s, p, s->xb, dim); /* Q8_0: quantize xb once for all three products */
+        matmul(s->q, s->xb, &s->xq, &w->wq[l]);
+        matmul(s->k, s->xb, &s->xq, &w->wk[l]);
+        matmul(v, s->xb, &s->xq, &w->wv[l]);
         if (p->qk_norm) { /* normalise each head's q and k before rotating them */
             for (int h = 0; h < p->n_heads; h++)
                 rmsnorm(s->q + (size_t)h * hs, s->q + (size_t)h * hs, w->q_norm + (size_t)l * hs, hs, eps);
@@ -1007,13 +1221,15 @@ static float *forward(Transformer *t, int token, int pos) {
             attention_values(s->xb + (size_t)h * hs, att, s->value_cache + layer_off + (size_t)kvh * hs, hs,
                              kv_dim, first, pos);
         }
-        matmul(s->xb2, s->xb, &w->wo[l], gs);
+        prepare_input(s, p, s->xb, dim);
+        matmul(s->xb2, s->xb, &s->xq, &w->wo[l]);
         for (int i = 0; i < dim; i++) s->x[i] += s->xb2[i];
 
         /* feed-forward (SwiGLU): x += w2(silu(w1 x) * w3 x) over rmsnorm(x) */
         rmsnorm(s->xb, s->x, w->rms_ffn + (size_t)l * dim, dim, eps);
-        matmul(s->hb, s->xb, &w->w1[l], gs);
-        matmul(s->hb2, s->xb, &w->w3[l], gs);
+        prepare_input(s, p, s->xb, dim);
+        matmul(s->hb, s->xb, &s->xq, &w->w1[l]);
+        matmul(s->hb2, s->xb, &s->xq, &w->w3[l]);
         int i = 0;
 #ifdef HAVE_VEC
         for (; i + VLEN <= hidden; i += VLEN) {
@@ -1025,13 +1241,15 @@ static float *forward(Transformer *t, int token, int pos) {
             float g = s->hb[i];
             s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];
         }
-        matmul(s->xb, s->hb, &w->w2[l], gs);
+        prepare_input(s, p, s->hb, hidden);
+        matmul(s->xb, s->hb, &s->xq, &w->w2[l]);
         for (int i = 0; i < dim; i++) s->x[i] += s->xb[i];
     }
 
     rmsnorm(s->x, s->x, w->rms_final, dim, eps);
     /* Padding rows of the classifier (head_rows > vocab_size) were dropped when packing. */
-    matmul(s->logits, s->x, &w->wcls, gs);
+    prepare_input(s, p, s->x, dim);
+    matmul(s->logits, s->x, &s->xq, &w->wcls);
     if (p->logit_softcap > 0.0f) {
         float cap = p->logit_softcap;
         for (int i = 0; i < p->vocab_size; i++) s->logits[i] = cap * tanhf(s->logits[i] / cap);

@@ -4,6 +4,8 @@ native/fuzz/fuzz.c mutates model files (llama2.c v0 and extended, fp32 and Q8_0)
 prompts, generation settings and command lines, thousands of cases in one process. A sanitizer
 report or a signal kills the run (non-zero status); an input that run.c rejects must come with an
 error message. The seed is fixed, so a failure reproduces with `native/fuzz/run_fuzz.sh 6000 1234`.
+It runs twice: built for any CPU (plain-C Q8_0 kernel) and, where the compiler accepts it, with
+-march=native (this CPU's vector kernels, AVX-512 VNNI or AVX-VNNI for Q8_0 where it has them).
 """
 
 from __future__ import annotations
@@ -14,21 +16,27 @@ import subprocess
 
 import pytest
 
-from tiny_transformer.native_bench import compile_c, find_cc, native_dir
+from tiny_transformer.native_bench import best_flags, compile_c, find_cc, native_dir
 
 CASES = 6000
 SEED = 1234
 SANITIZE = ["-g", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 
 
-@pytest.fixture(scope="module")
-def fuzzer():
+@pytest.fixture(scope="module", params=["any-cpu", "native"])
+def fuzzer(request):
     try:
         find_cc()
     except RuntimeError:
         pytest.skip("no C compiler on this machine")
+    extra = []
+    if request.param == "native":
+        extra = [f for f in best_flags() if f.startswith("-march")]
+        if not extra:
+            pytest.skip("the compiler does not accept -march=native")
     try:
-        return compile_c(native_dir() / "fuzz" / "fuzz.c", "fuzz-test", SANITIZE, depends=[native_dir() / "run.c"])
+        return compile_c(native_dir() / "fuzz" / "fuzz.c", "fuzz-test", [*SANITIZE, *extra],
+                         depends=[native_dir() / "run.c"])
     except RuntimeError as exc:
         if "sanitize" in str(exc) or "asan" in str(exc).lower():
             pytest.skip(f"this compiler cannot build with sanitizers: {str(exc)[-300:]}")

@@ -197,6 +197,36 @@ def dequantize_q8_0(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> to
     return groups.reshape(q.shape)
 
 
+def quantize_input_q8_0(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """What run.c does to the input vector of every matrix product in Q8_0 mode, in PyTorch.
+
+    run.c multiplies int8 weights by int8 activations: it splits x (along its last dimension) into
+    groups of `group_size`, and per group computes, in float32, scale = max|x| / 127 and
+    q = round(x * (1 / scale)) (ties to even; an all-zero group gets scale 0 and q 0). This returns
+    q * scale, the float32 values the integer product effectively uses, with the exact arithmetic
+    of run.c's `quantize_vec`, so a model that feeds its Linear layers these values computes what
+    run.c computes up to float rounding (see `quantize_linear_inputs`).
+    """
+    shape = x.shape
+    if shape[-1] % group_size:
+        raise ValueError(f"the last dimension ({shape[-1]}) must be a multiple of group_size ({group_size})")
+    groups = x.float().reshape(-1, group_size)
+    scale = groups.abs().amax(dim=1) / 127.0
+    inv = torch.where(scale > 0, torch.reciprocal(scale), torch.zeros_like(scale))
+    q = torch.round(groups * inv[:, None]).clamp(-127, 127)
+    return (q * scale[:, None]).reshape(shape)
+
+
+def quantize_linear_inputs(model: torch.nn.Module, group_size: int) -> list:
+    """Make every `nn.Linear` in `model` (the classifier included) see its input the way run.c's Q8_0
+    products do: a forward pre-hook replaces the input by `quantize_input_q8_0(input, group_size)`.
+    Returns the hook handles; `handle.remove()` undoes one."""
+    def hook(module, args):
+        return (quantize_input_q8_0(args[0], group_size), *args[1:])
+
+    return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
 def _auto_group_size(requested: int, dim: int, hidden_dim: int) -> int:
     """The requested group size, halved until it divides dim and hidden_dim (rows are split into
     whole groups); it must stay a multiple of 4 so the fp32 scales that follow stay aligned."""
@@ -464,11 +494,14 @@ def read_llama2c_tensors(path) -> tuple[Llama2cHeader, dict[str, torch.Tensor]]:
     return h, tensors
 
 
-def load_llama2c(path):
+def load_llama2c(path, *, quantized_inputs: bool = False):
     """Read a model.bin (llama2.c version 0, or our extended format) back into a `LlamaLM`.
 
-    Q8_0 weights come back dequantized (float32 values equal to int8 * scale), so the PyTorch model
-    computes exactly what the C engine computes. Works for llama2.c's published model files too.
+    Q8_0 weights come back dequantized (float32 values equal to int8 * scale). run.c also quantizes
+    the input of every matrix product to int8 in Q8_0 mode; with `quantized_inputs=True` the model
+    does the same (`quantize_linear_inputs`), and then computes what run.c computes up to float
+    rounding. Without it, it shows the model with int8 weights and float32 activations. (For fp32
+    files the flag changes nothing.) Works for llama2.c's published model files too.
     """
     from tiny_transformer.model import LlamaConfig, LlamaLM
 
@@ -501,6 +534,8 @@ def load_llama2c(path):
         if not h.shared_classifier:
             model.output.weight.copy_(t["classifier"])
     assert hs == model.layers[0].attention.head_dim
+    if quantized_inputs and h.weight_type == "q8_0":
+        quantize_linear_inputs(model, h.group_size)
     return model.eval()
 
 

@@ -96,8 +96,9 @@ static void put_matrix(Buf *b, size_t n, int q8, int gs) {
     for (size_t g = 0; g < n / (size_t)gs; g++) put_f32(b, 0.01f);
 }
 
-static void make_model(Buf *b, int ext, int tied, int qk_norm, int q8, int head_rows) {
-    const int hs = DIM / HEADS, kv_dim = KV_HEADS * hs, gs = 8;
+/* gs: Q8_0 group size, 0 for fp32 weights */
+static void make_model(Buf *b, int ext, int tied, int qk_norm, int gs, int head_rows) {
+    const int hs = DIM / HEADS, kv_dim = KV_HEADS * hs, q8 = gs > 0;
     b->len = 0;
     if (!ext) {
         int32_t header[7] = {DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, tied ? VOCAB : -VOCAB, SEQ};
@@ -366,8 +367,8 @@ int main(int argc, char **argv) {
     make_model(&models[0], 0, 1, 0, 0, VOCAB);   /* llama2.c v0, tied */
     make_model(&models[1], 0, 0, 0, 0, VOCAB);   /* llama2.c v0, untied */
     make_model(&models[2], 1, 0, 1, 0, 320);     /* ext fp32: QK-norm, softcap, window, padded head */
-    make_model(&models[3], 1, 1, 0, 1, VOCAB);   /* ext Q8_0, tied */
-    make_model(&models[4], 1, 0, 1, 1, 384);     /* ext Q8_0, everything */
+    make_model(&models[3], 1, 1, 0, 4, VOCAB);   /* ext Q8_0 (group size 4), tied */
+    make_model(&models[4], 1, 0, 1, 8, 384);     /* ext Q8_0 (group size 8), everything */
     make_model(&models[5], 1, 1, 0, 0, VOCAB);   /* ext fp32, tied */
     make_tokenizer(&toks[0], 1);
     make_tokenizer(&toks[1], 0);
