@@ -11,8 +11,8 @@
  *     published llama2.c models (stories15M.bin, ...) run unchanged.
  *   - our extended format (256-byte header starting with a magic number and a version) for what
  *     version 0 cannot say: QK-norm, logit soft-capping, RoPE theta, norm eps, sliding-window
- *     attention, a padded classifier and int8 (Q8_0) weights, which run.c multiplies by int8-quantized
- *     activations in integer arithmetic. Its first int32 is negative, so a version-0 reader sees
+ *     attention, a padded classifier and 8- or 4-bit weights (Q8_0, Q4_0), which run.c multiplies by
+ *     int8-quantized activations in integer arithmetic. Its first int32 is negative, so a version-0 reader sees
  *     "dim < 0" and refuses it instead of misreading it.
  * native/README.md documents both byte by byte.
  *
@@ -28,6 +28,9 @@
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #endif
+#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
+#define _DEFAULT_SOURCE /* madvise */
+#endif
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
@@ -38,6 +41,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -106,8 +112,10 @@ static inline vfloat vexp(vfloat x) {
     return p * (vfloat)e;
 }
 #define PANEL VLEN /* rows per panel of a packed matrix (see "Packed weights") */
+#define KBLOCK (2 * VLEN) /* positions per block of the key cache (see attention_scores) */
 #else
 #define PANEL 8
+#define KBLOCK 8
 #endif
 
 /* ------------------------------------------------------------------------------------------------
@@ -151,6 +159,7 @@ static int fail(Err *err, const char *fmt, ...) {
 
 #define WT_F32 0 /* weight types */
 #define WT_Q8 1  /* Q8_0: int8 weights, one fp32 scale per group of `group_size` along each row */
+#define WT_Q4 2  /* Q4_0: 4-bit weights (-8..7, two per byte), one fp32 scale per group */
 
 /* Upper limits keep all size arithmetic far from overflow (sizes are computed in 64 bits) and catch
  * garbage headers early. They are far above anything this engine is meant for. */
@@ -161,7 +170,7 @@ static int fail(Err *err, const char *fmt, ...) {
 #define MAX_SEQ_LEN (1 << 20)
 #define MAX_TOKEN_BYTES 4096       /* longest tokenizer piece we accept */
 #define MAX_PROMPT_BYTES 65536     /* longest prompt generate/chat accept */
-#define Q8_CHUNK 1024              /* largest Q8_0 group; the int8 kernel converts this many columns at once */
+#define MAX_GROUP 1024             /* largest Q8_0/Q4_0 group: keeps every int32 group sum far from overflow */
 
 /* The KV cache is n_layers * seq_len * kv_dim * 2 floats; refuse headers that would need more. */
 static uint64_t max_state_bytes = 4ull << 30;
@@ -178,19 +187,20 @@ typedef struct {
     int shared_classifier;
     int qk_norm;
     int sliding_window; /* attend to at most this many most recent positions; 0 = all */
-    int weight_type;    /* WT_F32 or WT_Q8 */
-    int group_size;     /* Q8_0 group size (0 for fp32) */
+    int weight_type;    /* WT_F32, WT_Q8 or WT_Q4 */
+    int group_size;     /* Q8_0/Q4_0 group size (0 for fp32) */
     float norm_eps;
     double rope_theta;
     float logit_softcap; /* logits = cap * tanh(logits / cap); 0 = off */
     int version;         /* 0 = llama2.c legacy, 1 = ours */
 } Config;
 
-/* A tensor as stored in the file: bytes of fp32 values, or of int8 values followed by the group
- * scales (Q8_0). Read through memcpy, so any alignment is fine. */
+/* A tensor as stored in the file: bytes of fp32 values, or of quantized values (Q8_0: one int8 per
+ * byte; Q4_0: two 4-bit values per byte) followed by the group scales. Read through memcpy, so any
+ * alignment is fine. */
 typedef struct {
     const unsigned char *data;
-    const unsigned char *scales; /* Q8_0 only */
+    const unsigned char *scales; /* Q8_0 and Q4_0 only */
 } Tensor;
 
 /* Where each tensor lies in the file (layers stacked, see native/README.md). */
@@ -277,10 +287,18 @@ static int check_dims(const Config *c, const char *what, Err *err) {
     return 0;
 }
 
-/* Bytes of a weight tensor with n elements of the file's weight type. */
+static const char *weight_type_name(int type) {
+    return type == WT_F32 ? "fp32" : type == WT_Q8 ? "Q8_0" : type == WT_Q4 ? "Q4_0" : "unknown";
+}
+
+/* Bytes of the values of a weight tensor with n elements of the file's weight type (for Q8_0 and
+ * Q4_0 the group scales follow them), and of the whole tensor. */
+static uint64_t value_bytes(const Config *c, uint64_t n) {
+    return c->weight_type == WT_Q8 ? n : c->weight_type == WT_Q4 ? n / 2 : n * 4;
+}
+
 static uint64_t tensor_bytes(const Config *c, uint64_t n) {
-    if (c->weight_type == WT_Q8) return n + n / (uint64_t)c->group_size * 4;
-    return n * 4;
+    return value_bytes(c, n) + (c->weight_type == WT_F32 ? 0 : n / (uint64_t)c->group_size * 4);
 }
 
 /* Walk the weight layout once. With base == NULL it only counts bytes; otherwise it also records
@@ -302,8 +320,8 @@ static uint64_t map_weights(const Config *c, FileWeights *w, const unsigned char
     do {                                                  \
         uint64_t n_ = (n);                                \
         if (base) w->field.data = base + offset;          \
-        if (base && c->weight_type == WT_Q8)              \
-            w->field.scales = base + offset + n_;         \
+        if (base && c->weight_type != WT_F32)             \
+            w->field.scales = base + offset + value_bytes(c, n_); \
         offset += tensor_bytes(c, n_);                    \
     } while (0)
 
@@ -396,16 +414,19 @@ static int parse_model(const unsigned char *data, uint64_t size, Config *c, File
             if (c->group_size != 0)
                 return fail(err, "model file: fp32 weights must have group_size 0, got %d; the file is "
                                  "corrupt", c->group_size);
-        } else if (c->weight_type == WT_Q8) {
-            if (c->group_size < 4 || c->group_size > Q8_CHUNK || c->group_size % 4 != 0)
-                return fail(err, "model file: Q8_0 group_size = %d must be a multiple of 4 in 4..%d; the "
-                                 "file is corrupt", c->group_size, Q8_CHUNK);
+        } else if (c->weight_type == WT_Q8 || c->weight_type == WT_Q4) {
+            /* Q8_0 kernels take 4 columns at a time, Q4_0 kernels 8 (two 4-bit values per byte) */
+            int step = c->weight_type == WT_Q8 ? 4 : 8;
+            if (c->group_size < step || c->group_size > MAX_GROUP || c->group_size % step != 0)
+                return fail(err, "model file: %s group_size = %d must be a multiple of %d in %d..%d; the file "
+                                 "is corrupt", weight_type_name(c->weight_type), c->group_size, step, step, MAX_GROUP);
             if (c->dim % c->group_size != 0 || c->hidden_dim % c->group_size != 0)
-                return fail(err, "model file: Q8_0 group_size = %d must divide dim = %d and hidden_dim = %d; "
-                                 "the file is corrupt", c->group_size, c->dim, c->hidden_dim);
+                return fail(err, "model file: %s group_size = %d must divide dim = %d and hidden_dim = %d; "
+                                 "the file is corrupt", weight_type_name(c->weight_type), c->group_size, c->dim,
+                            c->hidden_dim);
         } else {
-            return fail(err, "model file: unknown weight type %d (0 = fp32, 1 = Q8_0); update native/run.c",
-                        c->weight_type);
+            return fail(err, "model file: unknown weight type %d (0 = fp32, 1 = Q8_0, 2 = Q4_0); update "
+                             "native/run.c", c->weight_type);
         }
         if (!(c->norm_eps > 0.0f && c->norm_eps < 1.0f))
             return fail(err, "model file: norm_eps = %g must lie in (0, 1); the file is corrupt", c->norm_eps);
@@ -425,7 +446,7 @@ static int parse_model(const unsigned char *data, uint64_t size, Config *c, File
                         "kv_heads %d, vocab %d, head_rows %d, %s) implies %llu bytes: the file is %s; "
                         "export it again",
                         (unsigned long long)size, c->dim, c->hidden_dim, c->n_layers, c->n_heads,
-                        c->n_kv_heads, c->vocab_size, c->head_rows, c->weight_type ? "q8_0" : "fp32",
+                        c->n_kv_heads, c->vocab_size, c->head_rows, weight_type_name(c->weight_type),
                         (unsigned long long)expected, size < expected ? "truncated" : "too long or corrupt");
         map_weights(c, w, data, EXT_HEADER_BYTES);
         return 0;
@@ -518,56 +539,61 @@ static unsigned char *read_file(const char *path, const char *what, uint64_t *si
  * column j: out[panel] += W[panel][j] * x[j]", one vector multiply-add per column that updates PANEL
  * outputs at once, and four panels share every load of x[j].
  *
- * Q8_0: integer dot products. The file stores each weight as an int8 q_w and one fp32 scale per
- * group of gs consecutive weights of a row: W[r][j] = q_w[r][j] * ws[r][g] with g = j / gs. Before
- * a product, run.c quantizes the input vector the same way (quantize_vec): per group of gs entries,
- * xs[g] = max|x| / 127 and q_x[j] = x[j] / xs[g] rounded to the nearest integer (ties to even), so
- * that x[j] ~ q_x[j] * xs[g]. Then
+ * Q8_0 and Q4_0: integer dot products. The file stores each weight as a small integer q_w (int8, or
+ * 4 bits: -8..7) and one fp32 scale per group of gs consecutive weights of a row: W[r][j] =
+ * q_w[r][j] * ws[r][g] with g = j / gs. Before a product, run.c quantizes the input vector to int8
+ * the same way (quantize_vec): per group of gs entries, xs[g] = max|x| / 127 and q_x[j] = x[j] /
+ * xs[g] rounded to the nearest integer (ties to even), so that x[j] ~ q_x[j] * xs[g]. Then
  *
  *     out[r] = sum over groups g of  ws[r][g] * xs[g] * (sum over j in group g of q_w[r][j] * q_x[j])
  *
  * where the inner sum is exact integer arithmetic on bytes. That is the point: with AVX-512 VNNI
  * one instruction (vpdpbusd) does 64 byte multiply-adds into 16 int32 sums, four times the work of
- * an fp32 multiply-add instruction, on weights that take a quarter of the bytes. The price is a
- * second rounding: the product sees x rounded to 8 bits per group (an error of at most xs[g] / 2 per
- * entry) on top of the rounded weights. native/README.md gives its measured effect on the logits.
+ * an fp32 multiply-add instruction, on weights that take a quarter (Q8_0) or an eighth (Q4_0) of the
+ * bytes. The price is a second rounding: the product sees x rounded to 8 bits per group (an error of
+ * at most xs[g] / 2 per entry) on top of the rounded weights. native/README.md gives the measured
+ * effect on the model's predictions.
  *
  * vpdpbusd multiplies UNSIGNED bytes by SIGNED bytes. The weights are therefore stored offset,
- * u = q_w + 128 (0..255), and the activations stay signed. The offset adds 128 * (sum of the group's
- * q_x) to every row's sum; quantize_vec computes that once per group and the kernels start each
- * group's int32 sums at -128 * sum(q_x) (`bias`), which cancels it exactly.
+ * u = q_w + 128 (Q8_0: 0..255) or u = q_w + 8 (Q4_0: 0..15, as in the file), and the activations
+ * stay signed. The offset adds 128 (or 8) * (sum of the group's q_x) to every row's sum;
+ * quantize_vec computes that once per group and the kernels start each group's int32 sums at its
+ * negative (`bias`), which cancels it exactly.
  *
- * Q8_0 panels have Q8_ROWS = 16 rows whatever the vector width, stored group after group. A group
- * is gs/4 blocks of 64 bytes, one per 4 consecutive columns ("quad"), each holding the 16 rows'
- * 4 bytes row after row: [row 0: u[j..j+3]][row 1: u[j..j+3]]...[row 15: ...]. Read as 16 int32 lanes,
- * lane r is row r, exactly what vpdpbusd multiplies by 4 bytes of x broadcast to every lane. The
- * group's 16 row scales (64 bytes) follow its blocks, so a panel is one stream of 64-byte pieces.
- * The 256-bit AVX-VNNI kernel reads each block as two halves of 8 rows; the plain-C kernel loops.
+ * Quantized panels have QROWS = 16 rows whatever the vector width, stored group after group. In a
+ * group, every 4 consecutive columns ("quad") of the 16 rows make 64 bytes, row after row:
+ * [row 0: u[j..j+3]][row 1: u[j..j+3]]...[row 15: ...]. Read as 16 int32 lanes, lane r is row r,
+ * exactly what vpdpbusd multiplies by 4 bytes of x broadcast to every lane. Q8_0 stores each quad as
+ * one 64-byte piece. Q4_0 stores two quads in one piece, quad 2k in the low 4 bits of each byte and
+ * quad 2k+1 in the high 4 bits; a mask and a shift turn a piece back into two vectors of bytes. The
+ * group's 16 row scales (64 bytes) follow its pieces, so a panel is one stream of 64-byte pieces.
+ * The 256-bit AVX-VNNI kernels read each piece as two halves of 8 rows; the plain-C kernels loop.
  *
- * Rows past the end of a matrix (in its last panel) are zero weights (u = 128, scale 0); their
+ * Rows past the end of a matrix (in its last panel) are zero weights (q_w = 0, scale 0); their
  * outputs are computed and dropped.
  */
 
-#define Q8_ROWS 16 /* rows per Q8_0 panel */
+#define QROWS 16 /* rows per Q8_0/Q4_0 panel */
 
 #if defined(HAVE_VEC) && defined(__AVX512F__) && defined(__AVX512VNNI__)
-#define Q8_AVX512 1 /* 16 rows per vector: one vpdpbusd per panel and quad */
+#define QUANT_AVX512 1 /* 16 rows per vector: one vpdpbusd per panel and quad */
 #elif defined(HAVE_VEC) && defined(__AVXVNNI__)
-#define Q8_AVX256 1 /* 8 rows per vector (AVX-VNNI, e.g. CPUs without AVX-512) */
+#define QUANT_AVX256 1 /* 8 rows per vector (AVX-VNNI, e.g. CPUs without AVX-512) */
 #endif
 
 typedef struct {
     int rows, cols;
-    int group_size; /* Q8_0 */
-    float *f;       /* fp32 panels, or NULL for Q8_0 */
-    uint8_t *q;     /* Q8_0 panels: offset weights and group scales, see above */
+    int type;       /* WT_F32, WT_Q8 or WT_Q4 */
+    int group_size; /* Q8_0 and Q4_0 */
+    float *f;       /* fp32 panels */
+    uint8_t *q;     /* Q8_0/Q4_0 panels: offset weights and group scales, see above */
 } Matrix;
 
-/* The int8 version of a vector, made by quantize_vec for the Q8_0 kernels. */
+/* The int8 version of a vector, made by quantize_vec for the Q8_0/Q4_0 kernels. */
 typedef struct {
     int8_t *q;     /* quantized entries, -127..127 */
     float *scale;  /* per group: max |x| / 127 (0 for an all-zero group) */
-    int32_t *bias; /* per group: -128 * (sum of its q), cancels the weights' +128 offset */
+    int32_t *bias; /* per group: -(weight offset) * (sum of its q), cancels the weights' offset */
 } QuantVec;
 
 typedef struct {
@@ -586,16 +612,29 @@ static float load_f32(const unsigned char *p) {
 }
 
 static size_t panels_of(int rows) { return ((size_t)rows + PANEL - 1) / PANEL; }
-static size_t q8_panels_of(int rows) { return ((size_t)rows + Q8_ROWS - 1) / Q8_ROWS; }
+static size_t qpanels_of(int rows) { return ((size_t)rows + QROWS - 1) / QROWS; }
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-/* Bytes of one Q8_0 group in a panel: gs/4 blocks of 64 bytes, then 16 float scales. */
-static size_t q8_group_bytes(int gs) { return (size_t)gs / 4 * 64 + Q8_ROWS * sizeof(float); }
+/* What the stored unsigned weights exceed q_w by. */
+static int weight_offset(int type) { return type == WT_Q4 ? 8 : 128; }
+
+/* Bytes of one group of one panel: Q8_0 one 64-byte piece per quad, Q4_0 one per two quads; then the
+ * 16 float scales. */
+static size_t group_bytes(int type, int gs) {
+    return (size_t)gs / (type == WT_Q4 ? 8 : 4) * 64 + QROWS * sizeof(float);
+}
 
 static size_t packed_bytes(const Config *c, int rows, int cols) {
-    if (c->weight_type == WT_Q8)
-        return q8_panels_of(rows) * (size_t)(cols / c->group_size) * q8_group_bytes(c->group_size);
+    if (c->weight_type != WT_F32)
+        return qpanels_of(rows) * (size_t)(cols / c->group_size) * group_bytes(c->weight_type, c->group_size);
     return align64(panels_of(rows) * PANEL * (size_t)cols * sizeof(float));
+}
+
+/* The stored (offset, unsigned) value of weight i of a file tensor: Q8_0 int8 + 128; Q4_0 two
+ * values per byte, the even-numbered one in the low 4 bits, already offset by 8. */
+static uint8_t file_weight(const Config *c, Tensor t, size_t i) {
+    if (c->weight_type == WT_Q4) return (uint8_t)((t.data[i / 2] >> (4 * (i % 2))) & 15u);
+    return (uint8_t)(t.data[i] ^ 0x80u); /* flipping the top bit of an int8 adds 128 */
 }
 
 /* Fill matrix m (rows x cols) from the file tensor t, starting at row `row0` (layer offset), using
@@ -603,7 +642,7 @@ static size_t packed_bytes(const Config *c, int rows, int cols) {
 static void pack_matrix(Matrix *m, const Config *c, Tensor t, size_t row0, int rows, int cols,
                         unsigned char **cursor) {
     size_t ncols = (size_t)cols;
-    m->rows = rows, m->cols = cols, m->group_size = 0, m->f = NULL, m->q = NULL;
+    m->rows = rows, m->cols = cols, m->type = c->weight_type, m->group_size = 0, m->f = NULL, m->q = NULL;
     if (c->weight_type == WT_F32) {
         size_t n = panels_of(rows) * PANEL * ncols;
         m->f = (float *)(void *)*cursor;
@@ -614,25 +653,48 @@ static void pack_matrix(Matrix *m, const Config *c, Tensor t, size_t row0, int r
                 m->f[((row / PANEL) * ncols + j) * PANEL + row % PANEL] = load_f32(t.data + ((row0 + row) * ncols + j) * 4);
         return;
     }
-    size_t gs = (size_t)c->group_size, groups = ncols / gs, gbytes = q8_group_bytes(c->group_size);
-    size_t np = q8_panels_of(rows);
+    int q4 = c->weight_type == WT_Q4;
+    size_t gs = (size_t)c->group_size, groups = ncols / gs, gbytes = group_bytes(c->weight_type, c->group_size);
+    size_t np = qpanels_of(rows);
+    uint8_t zero = (uint8_t)weight_offset(c->weight_type); /* a zero weight, for padding rows */
     m->group_size = c->group_size;
     m->q = *cursor;
     *cursor += np * groups * gbytes;
+    memset(m->q, 0, np * groups * gbytes);
     for (size_t p = 0; p < np; p++) {
         for (size_t g = 0; g < groups; g++) {
             uint8_t *block = m->q + (p * groups + g) * gbytes;
-            float *scales = (float *)(void *)(block + gs / 4 * 64);
-            for (size_t r = 0; r < Q8_ROWS; r++) {
-                size_t row = p * Q8_ROWS + r;
-                for (size_t j = 0; j < gs; j++) { /* int8 -> offset uint8: flipping the top bit adds 128 */
-                    uint8_t b = row < (size_t)rows ? t.data[(row0 + row) * ncols + g * gs + j] : 0;
-                    block[j / 4 * 64 + r * 4 + j % 4] = (uint8_t)(b ^ 0x80u);
+            float *scales = (float *)(void *)(block + gbytes - QROWS * sizeof(float));
+            for (size_t r = 0; r < QROWS; r++) {
+                size_t row = p * QROWS + r;
+                for (size_t j = 0; j < gs; j++) {
+                    uint8_t u = row < (size_t)rows ? file_weight(c, t, (row0 + row) * ncols + g * gs + j) : zero;
+                    size_t quad = j / 4, at = r * 4 + j % 4;
+                    if (!q4) block[quad * 64 + at] = u;
+                    else block[quad / 2 * 64 + at] |= (uint8_t)(u << (4 * (quad % 2))); /* odd quads: high bits */
                 }
                 scales[r] = row < (size_t)rows ? load_f32(t.scales + ((row0 + row) * groups + g) * 4) : 0.0f;
             }
         }
     }
+}
+
+/* Memory for the buffers every token streams through: the packed weights and the KV cache. On
+ * Linux, buffers of 2 MiB or more are aligned to 2 MiB and marked for transparent huge pages
+ * (a hint the kernel may ignore): one page-table entry then covers 2 MiB instead of 4 KiB, so
+ * streaming megabytes per token costs far fewer TLB misses (measured: the 6.1M model runs ~5%
+ * faster, and much more evenly from run to run). Free with free(). */
+#define HUGE_PAGE ((size_t)1 << 21)
+static void *alloc_streamed(size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (bytes >= HUGE_PAGE) {
+        void *p = NULL;
+        if (posix_memalign(&p, HUGE_PAGE, bytes) != 0) return NULL;
+        (void)madvise(p, bytes, MADV_HUGEPAGE); /* before the first touch; failure only costs speed */
+        return p;
+    }
+#endif
+    return malloc(bytes);
 }
 
 static float *copy_floats(Tensor t, size_t n, unsigned char **cursor) {
@@ -659,7 +721,7 @@ static int pack_weights(Weights *w, const Config *c, const FileWeights *fw, Err 
                    (c->shared_classifier ? 0 : packed_bytes(c, c->vocab_size, dim)) +
                    2 * align64((size_t)L * dim * sizeof(float)) + 2 * align64((size_t)L * hs * sizeof(float)) +
                    align64((size_t)dim * sizeof(float));
-    w->arena = malloc(bytes);
+    w->arena = alloc_streamed(bytes);
     w->matrices = (Matrix *)calloc((size_t)L * 7, sizeof(Matrix));
     if (!w->arena || !w->matrices) {
         free_weights(w);
@@ -742,19 +804,20 @@ static void matmul_f32(float *out, const float *x, const Matrix *m) {
     }
 }
 
-/* Quantize x (n entries, groups of gs) for the Q8_0 kernels; see "Q8_0" above. In float32: scale =
+/* Quantize x (n entries, groups of gs) for the Q8_0/Q4_0 kernels; see above. In float32: scale =
  * max|x| / 127, q = round-to-nearest-even(x * (1 / scale)); an all-zero group gets scale 0 and q 0.
+ * bias = -offset * sum(q), where offset is what the stored weights exceed q_w by (128 or 8).
  * (tiny_transformer.export.quantize_input_q8_0 does the same in PyTorch.) The clamp to +-127 only
  * matters for inputs holding inf or NaN, which then give a NaN or inf scale, as an fp32 product
  * would; it keeps every conversion to int defined. */
-static void quantize_vec(QuantVec *v, const float *x, int n, int gs) {
+static void quantize_vec(QuantVec *v, const float *x, int n, int gs, int offset) {
     for (int g = 0; g < n / gs; g++) {
         const float *xg = x + (size_t)g * gs;
         int8_t *qg = v->q + (size_t)g * gs;
         float amax = 0.0f;
         int32_t sum = 0;
         int j = 0;
-#if defined(Q8_AVX512)
+#if defined(QUANT_AVX512)
         if (gs % 16 == 0) {
             __m512 m = _mm512_setzero_ps();
             for (j = 0; j < gs; j += 16) m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xg + j)), m); /* NaN: skipped */
@@ -764,7 +827,7 @@ static void quantize_vec(QuantVec *v, const float *x, int n, int gs) {
         for (; j < gs; j++) amax = fabsf(xg[j]) > amax ? fabsf(xg[j]) : amax;
         float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
         j = 0;
-#if defined(Q8_AVX512)
+#if defined(QUANT_AVX512)
         if (gs % 16 == 0) {
             __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
             __m512i s = _mm512_setzero_si512();
@@ -787,52 +850,72 @@ static void quantize_vec(QuantVec *v, const float *x, int n, int gs) {
             sum += q;
         }
         v->scale[g] = scale;
-        v->bias[g] = -128 * sum;
+        v->bias[g] = -offset * sum;
     }
 }
 
-/* The Q8_0 product for k panels (k = 1..4) that start at w, `stride` bytes apart: acc[16 * i + r]
- * = output row r of panel i. Plain C, for every CPU, and the reference the vector kernels must
- * match (native/bench/kernels.c checks): the int32 sums are exact, so only the float rounding of
- * the final sums may differ. */
+/* The product for the k panels (k = 1..4) that start at w, `stride` bytes apart, of a Q8_0 or Q4_0
+ * matrix: acc[16 * i + r] = output row r of panel i. Plain C, for every CPU, and the reference the
+ * vector kernels must match (native/bench/kernels.c checks): the int32 sums are exact, so only the
+ * float rounding of the final sums may differ. */
 #if defined(__GNUC__) || defined(__clang__)
 __attribute__((unused)) /* only called where no vector kernel exists */
 #endif
-static void q8_panels_c(float *acc, const QuantVec *xq, const uint8_t *w, size_t stride, int k, int gs,
-                        int groups) {
+static void quant_panels_c(float *acc, const QuantVec *xq, const uint8_t *w, size_t stride, int k, int gs,
+                           int groups, int type) {
+    const int q4 = type == WT_Q4;
+    const size_t gbytes = group_bytes(type, gs);
     for (int i = 0; i < k; i++) {
-        const uint8_t *p = w + (size_t)i * stride;
-        float *t = acc + Q8_ROWS * i;
-        for (int r = 0; r < Q8_ROWS; r++) t[r] = 0.0f;
+        float *t = acc + QROWS * i;
+        for (int r = 0; r < QROWS; r++) t[r] = 0.0f;
         for (int g = 0; g < groups; g++) {
+            const uint8_t *p = w + (size_t)i * stride + (size_t)g * gbytes;
             const int8_t *x = xq->q + (size_t)g * gs;
-            int32_t a[Q8_ROWS];
-            for (int r = 0; r < Q8_ROWS; r++) a[r] = xq->bias[g];
-            for (int j = 0; j < gs; j += 4, p += 64)
-                for (int r = 0; r < Q8_ROWS; r++)
-                    a[r] += p[4 * r] * x[j] + p[4 * r + 1] * x[j + 1] + p[4 * r + 2] * x[j + 2] + p[4 * r + 3] * x[j + 3];
-            const float *ws = (const float *)(const void *)p; /* the group's row scales */
-            p += Q8_ROWS * sizeof(float);
-            for (int r = 0; r < Q8_ROWS; r++) t[r] += (float)a[r] * (ws[r] * xq->scale[g]);
+            int32_t a[QROWS];
+            for (int r = 0; r < QROWS; r++) a[r] = xq->bias[g];
+            for (int j = 0; j < gs; j += 4) { /* quad j/4: its own piece (Q8_0), or 4 bits of a shared one */
+                const uint8_t *b = p + (size_t)(q4 ? j / 8 : j / 4) * 64;
+                int shift = q4 ? 4 * (j / 4 % 2) : 0, mask = q4 ? 15 : 255;
+                for (int r = 0; r < QROWS; r++)
+                    a[r] += (b[4 * r] >> shift & mask) * x[j] + (b[4 * r + 1] >> shift & mask) * x[j + 1] +
+                            (b[4 * r + 2] >> shift & mask) * x[j + 2] + (b[4 * r + 3] >> shift & mask) * x[j + 3];
+            }
+            const float *ws = (const float *)(const void *)(p + gbytes - QROWS * sizeof(float)); /* row scales */
+            for (int r = 0; r < QROWS; r++) t[r] += (float)a[r] * (ws[r] * xq->scale[g]);
         }
     }
 }
 
-#if defined(Q8_AVX512) || defined(Q8_AVX256)
+#if defined(QUANT_AVX512) || defined(QUANT_AVX256)
 static int32_t load_i32(const int8_t *p) { /* 4 bytes of x, to broadcast to every lane */
     int32_t v;
     memcpy(&v, p, 4);
     return v;
 }
+#define ALWAYS_INLINE inline __attribute__((always_inline))
 #endif
 
-#if defined(Q8_AVX512)
-/* AVX-512 VNNI: one 64-byte block is one vector of 16 int32 lanes (rows) of 4 bytes (columns).
- * Per group, each panel's sums grow in two chains (even and odd quads) so that consecutive
- * vpdpbusd do not wait for each other; the 4 panels share each broadcast of 4 bytes of x. */
-static void q8_panels(float *acc, const QuantVec *xq, const uint8_t *w, size_t stride, int k, int gs, int groups) {
-    const int quads = gs / 4;
-    const size_t gbytes = q8_group_bytes(gs);
+#if defined(QUANT_AVX512)
+/* Quads j and j + 1 (j even) of a panel's group as two vectors of 16 rows x 4 unsigned bytes. */
+static ALWAYS_INLINE void quad_pair(const uint8_t *p, int j, int q4, __m512i *v0, __m512i *v1) {
+    if (q4) { /* one piece: low 4 bits, high 4 bits */
+        __m512i v = _mm512_loadu_si512(p + (size_t)j / 2 * 64), low = _mm512_set1_epi8(15);
+        *v0 = _mm512_and_si512(v, low);
+        *v1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    } else {
+        *v0 = _mm512_loadu_si512(p + (size_t)j * 64);
+        *v1 = _mm512_loadu_si512(p + (size_t)j * 64 + 64);
+    }
+}
+
+/* AVX-512 VNNI: one 64-byte vector of unsigned bytes per quad is 16 int32 lanes (rows) of 4 bytes
+ * (columns). Per group, each panel's sums grow in two chains (even and odd quads) so that
+ * consecutive vpdpbusd do not wait for each other; the 4 panels share each broadcast of x.
+ * Compiled twice, for Q8_0 and Q4_0 (q4 is a constant in each). */
+static ALWAYS_INLINE void panels_avx512(float *acc, const QuantVec *xq, const uint8_t *w, size_t stride, int k,
+                                        int gs, int groups, int q4) {
+    const int quads = gs / 4; /* even for Q4_0 */
+    const size_t gbytes = group_bytes(q4 ? WT_Q4 : WT_Q8, gs), so = gbytes - QROWS * sizeof(float);
     if (k == 4) {
         const uint8_t *w0 = w, *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;
         __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
@@ -843,18 +926,13 @@ static void q8_panels(float *acc, const QuantVec *xq, const uint8_t *w, size_t s
             int j = 0;
             for (; j + 1 < quads; j += 2) {
                 __m512i x0 = _mm512_set1_epi32(load_i32(x + 4 * j)), x1 = _mm512_set1_epi32(load_i32(x + 4 * j + 4));
-                size_t o = (size_t)j * 64;
-                a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(w0 + o), x0);
-                a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(w1 + o), x0);
-                a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(w2 + o), x0);
-                a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(w3 + o), x0);
-                o += 64;
-                b0 = _mm512_dpbusd_epi32(b0, _mm512_loadu_si512(w0 + o), x1);
-                b1 = _mm512_dpbusd_epi32(b1, _mm512_loadu_si512(w1 + o), x1);
-                b2 = _mm512_dpbusd_epi32(b2, _mm512_loadu_si512(w2 + o), x1);
-                b3 = _mm512_dpbusd_epi32(b3, _mm512_loadu_si512(w3 + o), x1);
+                __m512i v0, v1;
+                quad_pair(w0, j, q4, &v0, &v1), a0 = _mm512_dpbusd_epi32(a0, v0, x0), b0 = _mm512_dpbusd_epi32(b0, v1, x1);
+                quad_pair(w1, j, q4, &v0, &v1), a1 = _mm512_dpbusd_epi32(a1, v0, x0), b1 = _mm512_dpbusd_epi32(b1, v1, x1);
+                quad_pair(w2, j, q4, &v0, &v1), a2 = _mm512_dpbusd_epi32(a2, v0, x0), b2 = _mm512_dpbusd_epi32(b2, v1, x1);
+                quad_pair(w3, j, q4, &v0, &v1), a3 = _mm512_dpbusd_epi32(a3, v0, x0), b3 = _mm512_dpbusd_epi32(b3, v1, x1);
             }
-            if (j < quads) { /* gs/4 is odd */
+            if (j < quads) { /* Q8_0 with gs/4 odd: the last quad alone */
                 __m512i x0 = _mm512_set1_epi32(load_i32(x + 4 * j));
                 size_t o = (size_t)j * 64;
                 a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(w0 + o), x0);
@@ -864,7 +942,6 @@ static void q8_panels(float *acc, const QuantVec *xq, const uint8_t *w, size_t s
             }
             /* t += float(sum) * (weight scale * input scale), per row */
             __m512 xs = _mm512_set1_ps(xq->scale[g]);
-            size_t so = (size_t)quads * 64;
             t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, b0)),
                                  _mm512_mul_ps(_mm512_loadu_ps((const float *)(const void *)(w0 + so)), xs), t0);
             t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a1, b1)),
@@ -884,81 +961,114 @@ static void q8_panels(float *acc, const QuantVec *xq, const uint8_t *w, size_t s
         __m512 t = _mm512_setzero_ps();
         for (int g = 0; g < groups; g++, p += gbytes) {
             const int8_t *x = xq->q + (size_t)g * gs;
-            __m512i a = _mm512_set1_epi32(xq->bias[g]), b = _mm512_setzero_si512();
+            __m512i a = _mm512_set1_epi32(xq->bias[g]), b = _mm512_setzero_si512(), v0, v1;
             int j = 0;
             for (; j + 1 < quads; j += 2) {
-                a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512(p + (size_t)j * 64), _mm512_set1_epi32(load_i32(x + 4 * j)));
-                b = _mm512_dpbusd_epi32(b, _mm512_loadu_si512(p + (size_t)j * 64 + 64),
-                                        _mm512_set1_epi32(load_i32(x + 4 * j + 4)));
+                quad_pair(p, j, q4, &v0, &v1);
+                a = _mm512_dpbusd_epi32(a, v0, _mm512_set1_epi32(load_i32(x + 4 * j)));
+                b = _mm512_dpbusd_epi32(b, v1, _mm512_set1_epi32(load_i32(x + 4 * j + 4)));
             }
             if (j < quads)
                 a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512(p + (size_t)j * 64), _mm512_set1_epi32(load_i32(x + 4 * j)));
-            __m512 s = _mm512_mul_ps(_mm512_loadu_ps((const float *)(const void *)(p + (size_t)quads * 64)),
-                                     _mm512_set1_ps(xq->scale[g]));
+            __m512 s = _mm512_mul_ps(_mm512_loadu_ps((const float *)(const void *)(p + so)), _mm512_set1_ps(xq->scale[g]));
             t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, b)), s, t);
         }
-        _mm512_storeu_ps(acc + Q8_ROWS * i, t);
+        _mm512_storeu_ps(acc + QROWS * i, t);
     }
 }
-#elif defined(Q8_AVX256)
-/* AVX-VNNI (256-bit): a 64-byte block is two vectors, rows 0-7 and rows 8-15. Panels go in pairs:
- * four chains of sums, sharing each broadcast of 4 bytes of x. */
-static void q8_panels(float *acc, const QuantVec *xq, const uint8_t *w, size_t stride, int k, int gs, int groups) {
+
+static void quant_panels(float *acc, const QuantVec *xq, const uint8_t *w, size_t stride, int k, int gs, int groups,
+                         int type) {
+    if (type == WT_Q4) panels_avx512(acc, xq, w, stride, k, gs, groups, 1);
+    else panels_avx512(acc, xq, w, stride, k, gs, groups, 0);
+}
+#elif defined(QUANT_AVX256)
+/* Half h (rows 8h..8h+7) of quads j and j + 1 (j even) of a panel's group, as two vectors of 8 rows x
+ * 4 unsigned bytes. */
+static ALWAYS_INLINE void quad_pair_half(const uint8_t *p, int j, int h, int q4, __m256i *v0, __m256i *v1) {
+    if (q4) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(p + (size_t)j / 2 * 64 + 32 * h));
+        __m256i low = _mm256_set1_epi8(15);
+        *v0 = _mm256_and_si256(v, low);
+        *v1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    } else {
+        *v0 = _mm256_loadu_si256((const __m256i *)(const void *)(p + (size_t)j * 64 + 32 * h));
+        *v1 = _mm256_loadu_si256((const __m256i *)(const void *)(p + (size_t)j * 64 + 64 + 32 * h));
+    }
+}
+
+/* AVX-VNNI (256-bit): a 64-byte piece is two vectors, rows 0-7 and rows 8-15. Panels go in pairs:
+ * four chains of sums, sharing each broadcast of x. */
+static ALWAYS_INLINE void panels_avx256(float *acc, const QuantVec *xq, const uint8_t *w, size_t stride, int k,
+                                        int gs, int groups, int q4) {
     const int quads = gs / 4;
-    const size_t gbytes = q8_group_bytes(gs);
+    const size_t gbytes = group_bytes(q4 ? WT_Q4 : WT_Q8, gs), so = gbytes - QROWS * sizeof(float);
     for (int i = 0; i < k; i += 2) {
         const uint8_t *p0 = w + (size_t)i * stride, *p1 = i + 1 < k ? p0 + stride : p0; /* a lone panel: twice */
         __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
         for (int g = 0; g < groups; g++, p0 += gbytes, p1 += gbytes) {
             const int8_t *x = xq->q + (size_t)g * gs;
-            __m256i a0 = _mm256_set1_epi32(xq->bias[g]), a1 = a0, a2 = a0, a3 = a0;
-            for (int j = 0; j < quads; j++) {
-                __m256i xb = _mm256_set1_epi32(load_i32(x + 4 * j));
+            __m256i a0 = _mm256_set1_epi32(xq->bias[g]), a1 = a0, a2 = a0, a3 = a0, v0, v1;
+            int j = 0;
+            for (; j + 1 < quads; j += 2) {
+                __m256i x0 = _mm256_set1_epi32(load_i32(x + 4 * j)), x1 = _mm256_set1_epi32(load_i32(x + 4 * j + 4));
+                quad_pair_half(p0, j, 0, q4, &v0, &v1), a0 = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(a0, v0, x0), v1, x1);
+                quad_pair_half(p0, j, 1, q4, &v0, &v1), a1 = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(a1, v0, x0), v1, x1);
+                quad_pair_half(p1, j, 0, q4, &v0, &v1), a2 = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(a2, v0, x0), v1, x1);
+                quad_pair_half(p1, j, 1, q4, &v0, &v1), a3 = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(a3, v0, x0), v1, x1);
+            }
+            if (j < quads) { /* Q8_0 with gs/4 odd: the last quad alone */
+                __m256i x0 = _mm256_set1_epi32(load_i32(x + 4 * j));
                 const uint8_t *b0 = p0 + (size_t)j * 64, *b1 = p1 + (size_t)j * 64;
-                a0 = _mm256_dpbusd_avx_epi32(a0, _mm256_loadu_si256((const __m256i *)(const void *)b0), xb);
-                a1 = _mm256_dpbusd_avx_epi32(a1, _mm256_loadu_si256((const __m256i *)(const void *)(b0 + 32)), xb);
-                a2 = _mm256_dpbusd_avx_epi32(a2, _mm256_loadu_si256((const __m256i *)(const void *)b1), xb);
-                a3 = _mm256_dpbusd_avx_epi32(a3, _mm256_loadu_si256((const __m256i *)(const void *)(b1 + 32)), xb);
+                a0 = _mm256_dpbusd_avx_epi32(a0, _mm256_loadu_si256((const __m256i *)(const void *)b0), x0);
+                a1 = _mm256_dpbusd_avx_epi32(a1, _mm256_loadu_si256((const __m256i *)(const void *)(b0 + 32)), x0);
+                a2 = _mm256_dpbusd_avx_epi32(a2, _mm256_loadu_si256((const __m256i *)(const void *)b1), x0);
+                a3 = _mm256_dpbusd_avx_epi32(a3, _mm256_loadu_si256((const __m256i *)(const void *)(b1 + 32)), x0);
             }
             __m256 xs = _mm256_set1_ps(xq->scale[g]);
-            const float *s0 = (const float *)(const void *)(p0 + (size_t)quads * 64);
-            const float *s1 = (const float *)(const void *)(p1 + (size_t)quads * 64);
+            const float *s0 = (const float *)(const void *)(p0 + so), *s1 = (const float *)(const void *)(p1 + so);
             t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_mul_ps(_mm256_loadu_ps(s0), xs), t0);
             t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_mul_ps(_mm256_loadu_ps(s0 + 8), xs), t1);
             t2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a2), _mm256_mul_ps(_mm256_loadu_ps(s1), xs), t2);
             t3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a3), _mm256_mul_ps(_mm256_loadu_ps(s1 + 8), xs), t3);
         }
-        float *out = acc + Q8_ROWS * i;
+        float *out = acc + QROWS * i;
         _mm256_storeu_ps(out, t0), _mm256_storeu_ps(out + 8, t1);
         if (i + 1 < k) _mm256_storeu_ps(out + 16, t2), _mm256_storeu_ps(out + 24, t3);
     }
 }
+
+static void quant_panels(float *acc, const QuantVec *xq, const uint8_t *w, size_t stride, int k, int gs, int groups,
+                         int type) {
+    if (type == WT_Q4) panels_avx256(acc, xq, w, stride, k, gs, groups, 1);
+    else panels_avx256(acc, xq, w, stride, k, gs, groups, 0);
+}
 #else
-#define q8_panels q8_panels_c
+#define quant_panels quant_panels_c
 #endif
 
-/* out = W x for a Q8_0 matrix, with xq = quantize_vec(x). Blocks of 4 panels are independent (and
- * shared out among threads when compiled with OpenMP). */
-static void matmul_q8(float *out, const QuantVec *xq, const Matrix *m) {
-    int gs = m->group_size, groups = m->cols / gs, np = (int)q8_panels_of(m->rows);
-    size_t stride = (size_t)groups * q8_group_bytes(gs); /* bytes per panel */
+/* out = W x for a Q8_0 or Q4_0 matrix, with xq = quantize_vec(x). Blocks of 4 panels are
+ * independent (and shared out among threads when compiled with OpenMP). */
+static void matmul_quant(float *out, const QuantVec *xq, const Matrix *m) {
+    int gs = m->group_size, groups = m->cols / gs, np = (int)qpanels_of(m->rows);
+    size_t stride = (size_t)groups * group_bytes(m->type, gs); /* bytes per panel */
     int p0;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static)
 #endif
     for (p0 = 0; p0 < np; p0 += 4) {
         int k = np - p0 < 4 ? np - p0 : 4;
-        float acc[4 * Q8_ROWS];
-        q8_panels(acc, xq, m->q + (size_t)p0 * stride, stride, k, gs, groups);
-        int valid = m->rows - p0 * Q8_ROWS; /* the last panel may be partly padding */
-        memcpy(out + (size_t)p0 * Q8_ROWS, acc, (size_t)(valid < 4 * Q8_ROWS ? valid : 4 * Q8_ROWS) * sizeof(float));
+        float acc[4 * QROWS];
+        quant_panels(acc, xq, m->q + (size_t)p0 * stride, stride, k, gs, groups, m->type);
+        int valid = m->rows - p0 * QROWS; /* the last panel may be partly padding */
+        memcpy(out + (size_t)p0 * QROWS, acc, (size_t)(valid < 4 * QROWS ? valid : 4 * QROWS) * sizeof(float));
     }
 }
 
-/* out = W x. Q8_0 matrices read xq, the quantized x (quantize_vec), instead of x. */
+/* out = W x. Q8_0 and Q4_0 matrices read xq, the quantized x (quantize_vec), instead of x. */
 static void matmul(float *out, const float *x, const QuantVec *xq, const Matrix *m) {
     if (m->f) matmul_f32(out, x, m);
-    else matmul_q8(out, xq, m);
+    else matmul_quant(out, xq, m);
 }
 
 /* Row `token` of the (packed) token embedding table, dequantised if needed. */
@@ -969,19 +1079,33 @@ static void embedding_row(float *out, const Matrix *emb, int token) {
         for (size_t j = 0; j < cols; j++) out[j] = emb->f[(p * cols + j) * PANEL + r];
         return;
     }
-    size_t gs = (size_t)emb->group_size, gbytes = q8_group_bytes(emb->group_size);
-    size_t p = (size_t)token / Q8_ROWS, r = (size_t)token % Q8_ROWS;
+    int q4 = emb->type == WT_Q4, offset = weight_offset(emb->type);
+    size_t gs = (size_t)emb->group_size, gbytes = group_bytes(emb->type, emb->group_size);
+    size_t p = (size_t)token / QROWS, r = (size_t)token % QROWS;
     for (size_t g = 0; g < cols / gs; g++) {
         const uint8_t *block = emb->q + (p * (cols / gs) + g) * gbytes;
-        float scale = ((const float *)(const void *)(block + gs / 4 * 64))[r];
-        for (size_t j = 0; j < gs; j++) out[g * gs + j] = (float)((int)block[j / 4 * 64 + r * 4 + j % 4] - 128) * scale;
+        float scale = ((const float *)(const void *)(block + gbytes - QROWS * sizeof(float)))[r];
+        for (size_t j = 0; j < gs; j++) {
+            size_t quad = j / 4, at = r * 4 + j % 4;
+            int u = q4 ? block[quad / 2 * 64 + at] >> (4 * (quad % 2)) & 15 : block[quad * 64 + at];
+            out[g * gs + j] = (float)(u - offset) * scale;
+        }
     }
 }
 
 /* RMSNorm: out = x / sqrt(mean(x^2) + eps) * weight. `out` may equal `x`. */
 static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
     float ss = 0.0f;
-    for (int j = 0; j < n; j++) ss += x[j] * x[j];
+    int j = 0;
+#ifdef HAVE_VEC
+    vfloat a = {0}, b = {0}; /* two vector sums: no chain of n dependent additions */
+    for (; j + 2 * VLEN <= n; j += 2 * VLEN) {
+        vfloat u = vload(x + j), v = vload(x + j + VLEN);
+        a += u * u, b += v * v;
+    }
+    ss = vsum(a + b);
+#endif
+    for (; j < n; j++) ss += x[j] * x[j];
     float inv = 1.0f / sqrtf(ss / (float)n + eps);
     for (int j = 0; j < n; j++) out[j] = weight[j] * (inv * x[j]);
 }
@@ -1032,11 +1156,11 @@ typedef struct {
     float *k;               /* key of the current position (kv_dim) */
     float *att;             /* attention scores (n_heads, seq_len) */
     float *logits;          /* (head_rows) */
-    float *key_cache;       /* (layer, kv_head, head_size, key_stride): transposed, see forward() */
-    int key_stride;         /* seq_len plus padding for whole-vector reads */
+    float *key_cache;       /* (layer, kv_head, block of KBLOCK positions, head_size, KBLOCK): see forward() */
+    int key_blocks;         /* blocks of KBLOCK positions per head: seq_len / KBLOCK rounded up */
     float *value_cache;     /* (layer, seq_len, kv_dim) */
     float *rope_cos, *rope_sin; /* (seq_len, head_size / 2) */
-    QuantVec xq;            /* Q8_0: the int8 version of the next product's input (max(dim, hidden)) */
+    QuantVec xq;            /* Q8_0/Q4_0: the int8 version of the next product's input (max(dim, hidden)) */
 } RunState;
 
 typedef struct {
@@ -1056,11 +1180,7 @@ static int alloc_state(RunState *s, const Config *c, Err *err) {
     size_t hs = (size_t)(c->dim / c->n_heads), kv_dim = hs * c->n_kv_heads;
     size_t cache = (size_t)c->n_layers * c->seq_len * kv_dim;
     memset(s, 0, sizeof(*s));
-#ifdef HAVE_VEC
-    s->key_stride = c->seq_len + 2 * VLEN;
-#else
-    s->key_stride = c->seq_len;
-#endif
+    s->key_blocks = (c->seq_len + KBLOCK - 1) / KBLOCK;
     s->x = (float *)calloc((size_t)c->dim, sizeof(float));
     s->xb = (float *)calloc((size_t)c->dim, sizeof(float));
     s->xb2 = (float *)calloc((size_t)c->dim, sizeof(float));
@@ -1070,12 +1190,15 @@ static int alloc_state(RunState *s, const Config *c, Err *err) {
     s->k = (float *)calloc(kv_dim, sizeof(float));
     s->att = (float *)calloc((size_t)c->n_heads * c->seq_len, sizeof(float));
     s->logits = (float *)calloc((size_t)c->head_rows, sizeof(float));
-    s->key_cache = (float *)calloc((size_t)c->n_layers * kv_dim * s->key_stride, sizeof(float));
-    s->value_cache = (float *)calloc(cache, sizeof(float));
+    size_t key_floats = (size_t)c->n_layers * kv_dim * s->key_blocks * KBLOCK;
+    s->key_cache = (float *)alloc_streamed(key_floats * sizeof(float));
+    s->value_cache = (float *)alloc_streamed(cache * sizeof(float)); /* written before it is read */
+    /* attention_scores reads whole blocks, positions not yet written included (and drops them) */
+    if (s->key_cache) memset(s->key_cache, 0, key_floats * sizeof(float));
     s->rope_cos = (float *)calloc((size_t)c->seq_len * hs / 2, sizeof(float));
     s->rope_sin = (float *)calloc((size_t)c->seq_len * hs / 2, sizeof(float));
     size_t widest = (size_t)(c->dim > c->hidden_dim ? c->dim : c->hidden_dim); /* longest product input */
-    size_t groups = c->weight_type == WT_Q8 ? widest / (size_t)c->group_size : 1;
+    size_t groups = c->weight_type != WT_F32 ? widest / (size_t)c->group_size : 1;
     s->xq.q = (int8_t *)calloc(widest, 1);
     s->xq.scale = (float *)calloc(groups, sizeof(float));
     s->xq.bias = (int32_t *)calloc(groups, sizeof(int32_t));
@@ -1100,31 +1223,38 @@ static int alloc_state(RunState *s, const Config *c, Err *err) {
 }
 
 /* Attention scores of one head for positions first..last: att[t] = scale * q . K[.][t], with the
- * keys stored feature-major (K[i][t] at keys[i * stride + t]). Each vector of VLEN positions
- * accumulates over the head's features in a register: no horizontal sums. The key rows are padded
- * (stride >= seq_len + 2 * VLEN), so the last, partial block is computed whole and only its valid
- * scores are kept; lanes never mix, so the padding cannot affect them. */
-static void attention_scores(float *att, const float *q, const float *keys, int hs, int stride, int first,
-                             int last, float scale) {
-    int t = first;
+ * head's keys in blocks of KBLOCK positions, feature-major inside a block (K[i][t] at
+ * keys[((t / KBLOCK) * hs + i) * KBLOCK + t % KBLOCK]). Each vector of VLEN positions accumulates
+ * over the head's features in a register: no horizontal sums, and the keys are read in order. A
+ * partial block (the newest positions, or the first of a sliding window) is computed whole and only
+ * its valid scores are kept; lanes never mix, so the unused positions cannot affect them. */
+static void attention_scores(float *att, const float *q, const float *keys, int hs, int first, int last,
+                             float scale) {
+    for (int b = first / KBLOCK; b <= last / KBLOCK; b++) {
+        const float *kb = keys + (size_t)b * hs * KBLOCK;
+        float block[KBLOCK];
 #ifdef HAVE_VEC
-    for (; t <= last; t += 2 * VLEN) { /* two independent chains hide the multiply-add latency */
-        vfloat a0 = {0}, a1 = {0};
-        for (int i = 0; i < hs; i++) {
-            const float *k = keys + (size_t)i * stride + t;
+        /* four independent chains (two position vectors, even and odd features) hide the
+         * multiply-add latency; hs is even */
+        vfloat a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
+        for (int i = 0; i < hs; i += 2) {
+            const float *k = kb + (size_t)i * KBLOCK;
             a0 += vload(k) * q[i];
             a1 += vload(k + VLEN) * q[i];
+            b0 += vload(k + KBLOCK) * q[i + 1];
+            b1 += vload(k + KBLOCK + VLEN) * q[i + 1];
         }
-        float block[2 * VLEN];
-        vstore(block, a0 * scale), vstore(block + VLEN, a1 * scale);
-        int n = last - t + 1 < 2 * VLEN ? last - t + 1 : 2 * VLEN;
-        memcpy(att + t, block, (size_t)n * sizeof(float));
-    }
+        vstore(block, (a0 + b0) * scale), vstore(block + VLEN, (a1 + b1) * scale);
+#else
+        for (int j = 0; j < KBLOCK; j++) {
+            float score = 0.0f;
+            for (int i = 0; i < hs; i++) score += q[i] * kb[(size_t)i * KBLOCK + j];
+            block[j] = score * scale;
+        }
 #endif
-    for (; t <= last; t++) {
-        float score = 0.0f;
-        for (int i = 0; i < hs; i++) score += q[i] * keys[(size_t)i * stride + t];
-        att[t] = score * scale;
+        int t0 = b * KBLOCK > first ? b * KBLOCK : first; /* the valid positions of this block */
+        int t1 = b * KBLOCK + KBLOCK - 1 < last ? b * KBLOCK + KBLOCK - 1 : last;
+        memcpy(att + t0, block + (t0 - b * KBLOCK), (size_t)(t1 - t0 + 1) * sizeof(float));
     }
 }
 
@@ -1133,6 +1263,21 @@ static void attention_values(float *out, const float *att, const float *values, 
                              int last) {
     int i = 0;
 #ifdef HAVE_VEC
+    for (; i + 2 * VLEN <= hs; i += 2 * VLEN) { /* two vectors of features share each att[t] */
+        vfloat a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}; /* even and odd positions: independent chains */
+        const float *v = values + i;
+        int t = first;
+        for (; t + 1 <= last; t += 2) {
+            const float *v0 = v + (size_t)t * stride, *v1 = v0 + stride;
+            a0 += vload(v0) * att[t], a1 += vload(v0 + VLEN) * att[t];
+            b0 += vload(v1) * att[t + 1], b1 += vload(v1 + VLEN) * att[t + 1];
+        }
+        if (t <= last) {
+            const float *v0 = v + (size_t)t * stride;
+            a0 += vload(v0) * att[t], a1 += vload(v0 + VLEN) * att[t];
+        }
+        vstore(out + i, a0 + b0), vstore(out + i + VLEN, a1 + b1);
+    }
     for (; i + VLEN <= hs; i += VLEN) {
         vfloat a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}; /* positions t mod 4: independent chains */
         const float *v = values + i;
@@ -1165,9 +1310,9 @@ static void rope(float *vec, int n_heads, int hs, const float *cos_row, const fl
     }
 }
 
-/* With Q8_0 weights, quantize x (n entries) into s->xq for the products that read it. */
+/* With Q8_0 or Q4_0 weights, quantize x (n entries) into s->xq for the products that read it. */
 static void prepare_input(RunState *s, const Config *p, const float *x, int n) {
-    if (p->weight_type == WT_Q8) quantize_vec(&s->xq, x, n, p->group_size);
+    if (p->weight_type != WT_F32) quantize_vec(&s->xq, x, n, p->group_size, weight_offset(p->weight_type));
 }
 
 /* Run the model on one token at position `pos` (0-based) with keys/values of positions < pos
@@ -1191,8 +1336,9 @@ static float *forward(Transformer *t, int token, int pos) {
         rmsnorm(s->xb, s->x, w->rms_att + (size_t)l * dim, dim, eps);
         size_t layer_off = (size_t)l * p->seq_len * kv_dim;
         float *v = s->value_cache + layer_off + (size_t)pos * kv_dim; /* v goes straight into the cache */
-        float *keys = s->key_cache + (size_t)l * kv_dim * s->key_stride; /* (kv_head, head_size, key_stride) */
-        prepare_input(s, p, s->xb, dim); /* Q8_0: quantize xb once for all three products */
+        size_t head_keys = (size_t)s->key_blocks * hs * KBLOCK; /* floats per kv head */
+        float *keys = s->key_cache + (size_t)l * p->n_kv_heads * head_keys;
+        prepare_input(s, p, s->xb, dim); /* Q8_0/Q4_0: quantize xb once for all three products */
         matmul(s->q, s->xb, &s->xq, &w->wq[l]);
         matmul(s->k, s->xb, &s->xq, &w->wk[l]);
         matmul(v, s->xb, &s->xq, &w->wv[l]);
@@ -1204,9 +1350,12 @@ static float *forward(Transformer *t, int token, int pos) {
         }
         rope(s->q, p->n_heads, hs, cos_row, sin_row);
         rope(s->k, p->n_kv_heads, hs, cos_row, sin_row);
-        /* Keys are cached transposed, feature-major: K[i][t] for feature i of position t, so the
-         * scores of many positions come out of one vector loop (see attention_scores). */
-        for (int i = 0; i < kv_dim; i++) keys[(size_t)i * s->key_stride + pos] = s->k[i];
+        /* Keys are cached per kv head in blocks of KBLOCK positions, feature-major inside a block:
+         * K[i][t] for feature i of position t at (t / KBLOCK, i, t % KBLOCK). The scores of a block
+         * of positions then come out of one vector loop, and a head's keys are read as one
+         * sequential stream (see attention_scores). */
+        for (int i = 0; i < kv_dim; i++)
+            keys[(size_t)(i / hs) * head_keys + ((size_t)(pos / KBLOCK) * hs + i % hs) * KBLOCK + pos % KBLOCK] = s->k[i];
 
         int h;
 #if defined(_OPENMP)
@@ -1215,8 +1364,7 @@ static float *forward(Transformer *t, int token, int pos) {
         for (h = 0; h < p->n_heads; h++) {
             int kvh = h / kv_mul; /* query heads share a kv head in groups (GQA) */
             float *att = s->att + (size_t)h * p->seq_len;
-            attention_scores(att, s->q + (size_t)h * hs, keys + (size_t)kvh * hs * s->key_stride, hs,
-                             s->key_stride, first, pos, scale);
+            attention_scores(att, s->q + (size_t)h * hs, keys + (size_t)kvh * head_keys, hs, first, pos, scale);
             softmax(att + first, pos - first + 1);
             attention_values(s->xb + (size_t)h * hs, att, s->value_cache + layer_off + (size_t)kvh * hs, hs,
                              kv_dim, first, pos);
@@ -1818,7 +1966,7 @@ TT_API int tt_config(const tt_engine *e, int *out7) {
     return 0;
 }
 
-/* The rest of the configuration: version (0 = llama2.c, 1 = extended), weight type (0 fp32, 1 q8_0),
+/* The rest of the configuration: version (0 = llama2.c, 1 = extended), weight type (0 fp32, 1 Q8_0, 2 Q4_0),
  * group size, flags (1 shared classifier, 2 QK-norm), head_rows, sliding window, and three floats:
  * norm_eps, rope_theta, logit_softcap. Returns 0, or -1 if NULL. */
 TT_API int tt_config_ext(const tt_engine *e, int *out6, float *out3) {

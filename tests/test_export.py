@@ -1,4 +1,4 @@
-"""llama2.c model.bin export: both layouts byte by byte, round trips, Q8_0, validation, the CLI.
+"""llama2.c model.bin export: both layouts byte by byte, round trips, Q8_0 and Q4_0, validation, the CLI.
 
 The C engine's side (logits, generation, rejected files) is tested in test_native_run.py.
 """
@@ -16,10 +16,14 @@ from tiny_transformer.cli import main as cli_main
 from tiny_transformer.export import (
     EXT_HEADER_BYTES,
     EXT_MAGIC,
+    dequantize_q4_0,
     dequantize_q8_0,
     export_llama2c,
     load_llama2c,
     model_from_checkpoint,
+    pack_q4,
+    quantize_input_q8_0,
+    quantize_q4_0,
     quantize_q8_0,
     read_llama2c_header,
     read_llama2c_tensors,
@@ -211,6 +215,70 @@ def test_q8_0_group_size_errors(tmp_path):
         export_llama2c(make_model(hidden_dim=42), tmp_path / "b.bin", quantize="q8_0", group_size=64)
     with pytest.raises(ValueError, match="quantize must be"):
         export_llama2c(make_model(), tmp_path / "c.bin", quantize="int4")
+    with pytest.raises(ValueError, match="in 4..1024"):
+        export_llama2c(make_model(), tmp_path / "d.bin", quantize="q8_0", group_size=2048)
+
+
+def test_q4_0_quantization_and_packing():
+    w = torch.randn(8, 64) * torch.linspace(0.01, 3, 64)
+    q, s = quantize_q4_0(w, 16)
+    assert q.dtype == torch.int8 and s.shape == (8 * 64 // 16,)
+    assert int(q.min()) == -8 and int(q.max()) <= 7
+    groups = w.reshape(-1, 16)
+    err = (dequantize_q4_0(q, s, 16) - w).abs().reshape(-1, 16)
+    # the weight of largest magnitude is exact (q = -8); the rest within half a step, except those
+    # near the opposite extreme, clamped to 7: within one step
+    extreme = groups.abs().argmax(dim=1)
+    assert torch.all(err.gather(1, extreme[:, None]) <= 1e-6 * groups.abs().amax(dim=1, keepdim=True))
+    assert torch.all(err <= s.abs()[:, None] + 1e-6)
+    assert (err <= s.abs()[:, None] / 2 + 1e-6).float().mean() > 0.95
+    q0, s0 = quantize_q4_0(torch.zeros(2, 8), 8)
+    assert not q0.any() and not s0.any()
+    # two values per byte, u = q + 8, the first in the low 4 bits
+    assert pack_q4(torch.tensor([-8, 7, 0, -1], dtype=torch.int8)) == bytes([0x00 | 0xF0, 0x08 | 0x70])
+
+
+def test_q4_0_file_round_trip_gives_the_dequantized_model(tmp_path):
+    model = make_model(hidden_dim=40)  # 40 = 8 * 5: group size 64 is halved to 8
+    path = tmp_path / "q4.bin"
+    header = export_llama2c(model, path, quantize="q4_0", group_size=64)
+    assert (header.version, header.weight_type, header.group_size) == (1, "q4_0", 8)
+    assert struct.unpack_from("<i", path.read_bytes(), 44) == (2,)  # weight type 2
+    fp32 = export_llama2c(model, tmp_path / "f.bin").file_size
+    assert path.stat().st_size < 0.27 * fp32  # 4 bits + a 4-byte scale per 8 weights (norms stay fp32)
+    back = load_llama2c(path)
+    expected = dequantize_q4_0(*quantize_q4_0(model.layers[1].feed_forward.w2.weight, 8), 8)
+    torch.testing.assert_close(back.layers[1].feed_forward.w2.weight, expected, rtol=0, atol=0)
+    torch.testing.assert_close(back.tok_embeddings.weight,
+                               dequantize_q4_0(*quantize_q4_0(model.tok_embeddings.weight, 8), 8), rtol=0, atol=0)
+    torch.testing.assert_close(back.layers[0].attention_norm.weight, model.layers[0].attention_norm.weight)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        export_llama2c(model, tmp_path / "a.bin", quantize="q4_0", group_size=4)
+    with pytest.raises(ValueError, match="q8_0"):  # 20 and 10 are no multiples of 8: Q4_0 cannot, Q8_0 can
+        export_llama2c(make_model(dim=40, hidden_dim=60, n_heads=4), tmp_path / "b.bin", quantize="q4_0",
+                       group_size=64)
+    with pytest.raises(ValueError, match="fp32 only"):
+        export_llama2c(model, tmp_path / "c.bin", version=0, quantize="q4_0")
+
+
+def test_quantized_inputs_model_quantizes_every_linear_input(tmp_path):
+    path = tmp_path / "q8.bin"
+    export_llama2c(make_model(), path, quantize="q8_0", group_size=16)
+    seen = []
+    model = load_llama2c(path, quantized_inputs=True)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))  # runs after the quantizing hook
+    logits_of(model, list(range(1, 9)))
+    assert len(seen) == 2 * 5 + 1  # qkv, proj, w1, w2, w3 in each layer, and the classifier
+    for x in seen:  # every input is already on its grid: quantizing again changes nothing
+        torch.testing.assert_close(quantize_input_q8_0(x, 16), x, rtol=0, atol=0)
+    x = torch.tensor([[0.0] * 16, [1.0, -2.54, 0.5] + [0.0] * 13])
+    q = quantize_input_q8_0(x, 16)
+    assert not q[0].any()  # an all-zero group stays zero
+    scale = torch.tensor(2.54) / 127  # float32 arithmetic: q = round(x * (1 / scale)), ties to even
+    expected = torch.round(x[1] * torch.reciprocal(scale)) * scale
+    torch.testing.assert_close(q[1], expected, rtol=0, atol=0)
 
 
 def test_read_header_rejects_damaged_files(tmp_path):
@@ -302,6 +370,10 @@ def test_export_command_writes_model_and_explains_errors(tmp_path, capsys):
     assert cli_main(["export", "--checkpoint", str(ckpt), "--out", str(q8), "--quantize", "q8_0",
                      "--group-size", "16"]) == 0
     assert read_llama2c_header(q8).group_size == 16
+    q4 = tmp_path / "q4.bin"
+    assert cli_main(["export", "--checkpoint", str(ckpt), "--out", str(q4), "--quantize", "q4_0"]) == 0
+    assert "q4_0, group size 16" in capsys.readouterr().out  # 64 halved until it divides hidden_dim 48
+    assert read_llama2c_header(q4).weight_type == "q4_0"
     code = cli_main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--tokenizer-out",
                      str(tmp_path / "tok.bin")])
     assert code == 1 and "tokenizer.bin holds a SentencePiece vocabulary" in capsys.readouterr().err

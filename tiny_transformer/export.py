@@ -23,7 +23,7 @@ and RoPE theta = 10000 and has no room for anything else.
 
 **Extended format, version 1** (ours): a fixed 256-byte header, then the same arrays in the same order
 except that the RoPE tables are left out (the reader computes them), QK-norm weights follow wv, and the
-matrices may be int8::
+matrices may be quantized to 8 or 4 bits::
 
     offset  type     field
     0       uint32   magic 0x8D4C5454 (bytes "TTL\\x8d"; read as llama2.c's int32 dim it is negative,
@@ -32,8 +32,8 @@ matrices may be int8::
     8       int32    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len (7 values)
     36      int32    head_rows: classifier rows, >= vocab_size (padding rows are never used)
     40      int32    flags: 1 = classifier shared with the embedding (tied), 2 = QK-norm
-    44      int32    weight type: 0 = fp32, 1 = Q8_0
-    48      int32    group size (Q8_0), 0 for fp32
+    44      int32    weight type: 0 = fp32, 1 = Q8_0, 2 = Q4_0
+    48      int32    group size (Q8_0: multiple of 4, Q4_0: multiple of 8; <= 1024), 0 for fp32
     52      float32  norm_eps
     56      float64  rope_theta
     64      float32  logit_softcap (0 = off)
@@ -45,8 +45,12 @@ matrices may be int8::
 
 Q8_0 stores a matrix of n weights as n int8 values followed by n / group_size float32 scales; each
 row splits into groups of `group_size` consecutive weights, and weight = int8 * scale of its group
-(symmetric: scale = max |w| / 127). Norm weights stay fp32. The token embedding and the classifier
-are quantized too.
+(symmetric: scale = max |w| / 127). Q4_0 stores n / 2 bytes followed by the n / group_size float32
+scales: each byte holds two consecutive weights of a row as u = q + 8 (0..15), the first in its low
+4 bits; weight = q * scale with q in -8..7 and scale = -m / 8, m the group's weight of largest
+magnitude (so m is exact, as q = -8). Norm weights stay fp32. The token embedding and the
+classifier are quantized too. run.c multiplies both by int8-quantized activations
+(`quantize_input_q8_0`).
 
 The model must be a `LlamaLM` (RMSNorm, RoPE, SwiGLU, no biases). Its fused `attention.qkv` rows are
 [q | k | v], which split straight into wq, wk, wv; RoPE pairs (x[2i], x[2i+1]) like llama2.c does, so
@@ -72,7 +76,9 @@ EXT_VERSION = 1
 AK42_MAGIC = 0x616B3432  # llama2.c's export.py --version 1/2 (not supported)
 FLAG_SHARED_CLASSIFIER = 1
 FLAG_QK_NORM = 2
-WEIGHT_TYPES = {"fp32": 0, "q8_0": 1}
+WEIGHT_TYPES = {"fp32": 0, "q8_0": 1, "q4_0": 2}
+QUANTIZED = ("q8_0", "q4_0")
+MAX_GROUP = 1024  # run.c's limit on the group size
 V0_NORM_EPS = 1e-5
 V0_ROPE_THETA = 10000.0
 
@@ -143,6 +149,8 @@ class Llama2cHeader:
         n = math.prod(shape)
         if quantizable and self.weight_type == "q8_0":
             return n + n // self.group_size * 4
+        if quantizable and self.weight_type == "q4_0":
+            return n // 2 + n // self.group_size * 4
         return 4 * n
 
     @property
@@ -171,7 +179,7 @@ class Llama2cHeader:
 
 
 # ----------------------------------------------------------------------------------------------
-# Q8_0 quantization
+# Q8_0 and Q4_0 quantization
 
 
 def quantize_q8_0(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,8 +205,49 @@ def dequantize_q8_0(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> to
     return groups.reshape(q.shape)
 
 
+def quantize_q4_0(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit quantization in groups of `group_size` consecutive weights along each row.
+
+    Returns (int8 values in -8..7 with w's shape, float32 scales of shape (numel / group_size,)) such
+    that w ≈ values * scale of the group. The scale is -m / 8, where m is the group's weight of
+    largest magnitude, so m itself is stored exactly (as -8: 4 bits reach one step further on that
+    side) and the other weights round to the nearest of the 16 levels; the error of a weight is at
+    most |scale| / 2, except for weights within 1/16 of -m, clamped to 7 (error below |scale|).
+    An all-zero group gets scale 0.
+    """
+    w = w.detach().float().cpu().contiguous()
+    if w.shape[-1] % group_size:
+        raise ValueError(f"the last dimension ({w.shape[-1]}) must be a multiple of group_size ({group_size})")
+    groups = w.reshape(-1, group_size)
+    extreme = groups.gather(1, groups.abs().argmax(dim=1, keepdim=True))[:, 0]
+    scale = extreme / -8.0
+    safe = torch.where(scale != 0, scale, torch.ones_like(scale))
+    q = torch.round(groups / safe[:, None]).clamp(-8, 7).to(torch.int8)
+    return q.reshape(w.shape), scale
+
+
+def dequantize_q4_0(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of `quantize_q4_0` (up to the rounding it did): values * scale, float32."""
+    return dequantize_q8_0(q, scale, group_size)
+
+
+def pack_q4(q: torch.Tensor) -> bytes:
+    """4-bit values (-8..7, an even count) as the file stores them: u = q + 8, two per byte, the
+    first in the low 4 bits."""
+    u = (q.reshape(-1).to(torch.int16) + 8).to(torch.uint8).numpy()
+    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_q4(data: np.ndarray, n: int) -> torch.Tensor:
+    """Inverse of `pack_q4`: n values in -8..7 (int8) from n / 2 bytes."""
+    u = np.empty(n, dtype=np.int8)
+    u[0::2] = (data[: n // 2] & 15).astype(np.int8)
+    u[1::2] = (data[: n // 2] >> 4).astype(np.int8)
+    return torch.from_numpy(u - 8)
+
+
 def quantize_input_q8_0(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """What run.c does to the input vector of every matrix product in Q8_0 mode, in PyTorch.
+    """What run.c does to the input vector of every matrix product in Q8_0 and Q4_0 mode, in PyTorch.
 
     run.c multiplies int8 weights by int8 activations: it splits x (along its last dimension) into
     groups of `group_size`, and per group computes, in float32, scale = max|x| / 127 and
@@ -219,7 +268,8 @@ def quantize_input_q8_0(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def quantize_linear_inputs(model: torch.nn.Module, group_size: int) -> list:
     """Make every `nn.Linear` in `model` (the classifier included) see its input the way run.c's Q8_0
-    products do: a forward pre-hook replaces the input by `quantize_input_q8_0(input, group_size)`.
+    and Q4_0 products do: a forward pre-hook replaces the input by `quantize_input_q8_0(input,
+    group_size)`.
     Returns the hook handles; `handle.remove()` undoes one."""
     def hook(module, args):
         return (quantize_input_q8_0(args[0], group_size), *args[1:])
@@ -227,18 +277,22 @@ def quantize_linear_inputs(model: torch.nn.Module, group_size: int) -> list:
     return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def _auto_group_size(requested: int, dim: int, hidden_dim: int) -> int:
+def _auto_group_size(requested: int, dim: int, hidden_dim: int, quantize: str = "q8_0") -> int:
     """The requested group size, halved until it divides dim and hidden_dim (rows are split into
-    whole groups); it must stay a multiple of 4 so the fp32 scales that follow stay aligned."""
-    if requested < 4 or requested % 4:
-        raise ValueError(f"group_size must be a positive multiple of 4 (e.g. 32 or 64), got {requested}")
+    whole groups). run.c's kernels take 4 columns at a time (Q8_0) or 8 (Q4_0: two per byte), so it
+    must stay a multiple of that, and at most 1024."""
+    step = 8 if quantize == "q4_0" else 4
+    if requested < step or requested % step or requested > MAX_GROUP:
+        raise ValueError(f"group_size for {quantize} must be a multiple of {step} in {step}..{MAX_GROUP} "
+                         f"(e.g. 32 or 64), got {requested}")
     g = requested
-    while g >= 4 and g % 4 == 0 and (dim % g or hidden_dim % g):
+    while g >= step and g % step == 0 and (dim % g or hidden_dim % g):
         g //= 2
-    if g < 4 or g % 4 or dim % g or hidden_dim % g:
+    if g < step or g % step or dim % g or hidden_dim % g:
         raise ValueError(
-            f"no group size <= {requested} that is a multiple of 4 divides both dim ({dim}) and "
-            f"hidden_dim ({hidden_dim}); Q8_0 needs one: export in fp32 (quantize=None)"
+            f"no group size <= {requested} that is a multiple of {step} divides both dim ({dim}) and "
+            f"hidden_dim ({hidden_dim}); {quantize} needs one: export in fp32 (quantize=None)"
+            + (" or q8_0 (multiples of 4)" if quantize == "q4_0" else "")
         )
     return g
 
@@ -264,8 +318,8 @@ def header_for_model(model, *, version="auto", quantize=None, group_size=64) -> 
     """The header `export_llama2c` would write for `model` (nothing is written)."""
     model = _unwrap(model)
     cfg = model.config
-    if quantize not in (None, "q8_0"):
-        raise ValueError(f"quantize must be None or 'q8_0', got {quantize!r}")
+    if quantize not in (None, *QUANTIZED):
+        raise ValueError(f"quantize must be None, 'q8_0' or 'q4_0', got {quantize!r}")
     if version not in ("auto", 0, "ext", 1):
         raise ValueError(f"version must be 'auto', 0 or 'ext', got {version!r}")
     tied = model.output.weight is model.tok_embeddings.weight
@@ -281,7 +335,7 @@ def header_for_model(model, *, version="auto", quantize=None, group_size=64) -> 
         if getattr(header, name) > limit:
             raise ValueError(f"{name} = {getattr(header, name)} exceeds run.c's limit of {limit}")
     if quantize:
-        header.group_size = _auto_group_size(group_size, cfg.dim, cfg.hidden_dim)
+        header.group_size = _auto_group_size(group_size, cfg.dim, cfg.hidden_dim, quantize)
     reasons = header.fits_v0()
     if version == 0 and reasons:
         raise ValueError(
@@ -362,13 +416,15 @@ def export_llama2c(model, path, *, version="auto", quantize=None, group_size=64)
     version: "auto" writes llama2.c version 0 when the model fits it (tied, or untied without padding;
     no QK-norm, soft-cap or sliding window; theta 10000; eps 1e-5; fp32) and our extended format
     otherwise; 0 insists on version 0 (ValueError naming what does not fit); "ext" always writes ours.
-    quantize: None (fp32) or "q8_0" (int8 weights, extended format). group_size: Q8_0 group length,
-    halved automatically until it divides dim and hidden_dim (the header records the value used).
+    quantize: None (fp32), "q8_0" (int8 weights) or "q4_0" (4-bit weights), both in the extended format.
+    group_size: weights per scale, halved automatically until it divides dim and hidden_dim (the
+    header records the value used).
     Returns the header written. The module docstring describes both layouts byte by byte.
     """
     model = _unwrap(model)
     if quantize and version == 0:
-        raise ValueError("llama2.c version 0 stores fp32 only; use version='ext' (or 'auto') with quantize='q8_0'")
+        raise ValueError(f"llama2.c version 0 stores fp32 only; use version='ext' (or 'auto') with "
+                         f"quantize={quantize!r}")
     header = header_for_model(model, version=version, quantize=quantize, group_size=group_size)
     tensors = _layer_tensors(model, header)
 
@@ -383,6 +439,10 @@ def export_llama2c(model, path, *, version="auto", quantize=None, group_size=64)
             if quantizable and header.weight_type == "q8_0":
                 q, s = quantize_q8_0(t, header.group_size)
                 yield q.numpy().tobytes()
+                yield s.numpy().astype("<f4").tobytes()
+            elif quantizable and header.weight_type == "q4_0":
+                q, s = quantize_q4_0(t, header.group_size)
+                yield pack_q4(q)
                 yield s.numpy().astype("<f4").tobytes()
             else:
                 yield t.contiguous().numpy().astype("<f4").tobytes()
@@ -428,7 +488,8 @@ def read_llama2c_header(path) -> Llama2cHeader:
             raise ValueError(f"{path}: unknown flags {flags:#x}; update tiny_transformer")
         names = {v: k for k, v in WEIGHT_TYPES.items()}
         if wtype not in names:
-            raise ValueError(f"{path}: unknown weight type {wtype} (0 = fp32, 1 = q8_0)")
+            raise ValueError(f"{path}: unknown weight type {wtype} (0 = fp32, 1 = q8_0, 2 = q4_0); "
+                             "update tiny_transformer")
         h = Llama2cHeader(
             version=1, dim=dim, hidden_dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
             vocab_size=vocab, seq_len=seq_len, head_rows=head_rows,
@@ -466,9 +527,11 @@ def _validate_header(h: Llama2cHeader, path) -> None:
         bad(f"the head size {h.head_size} must be even")
     if not h.vocab_size <= h.head_rows <= _LIMITS["vocab_size"] or (h.shared_classifier and h.head_rows != h.vocab_size):
         bad(f"head_rows = {h.head_rows} does not fit vocab_size = {h.vocab_size}")
-    if h.weight_type == "q8_0" and (h.group_size < 4 or h.group_size % 4 or h.dim % h.group_size
-                                    or h.hidden_dim % h.group_size):
-        bad(f"group_size = {h.group_size} must be a multiple of 4 dividing dim and hidden_dim")
+    step = {"q8_0": 4, "q4_0": 8}.get(h.weight_type)
+    if step and (not step <= h.group_size <= MAX_GROUP or h.group_size % step or h.dim % h.group_size
+                 or h.hidden_dim % h.group_size):
+        bad(f"{h.weight_type} group_size = {h.group_size} must be a multiple of {step} in {step}..{MAX_GROUP} "
+            "dividing dim and hidden_dim")
     if h.weight_type == "fp32" and h.group_size:
         bad("fp32 weights need group_size 0")
     if not (0 < h.norm_eps < 1 and 1 <= h.rope_theta < 1e30 and 0 <= h.logit_softcap < 1e30 and h.sliding_window >= 0):
@@ -477,16 +540,21 @@ def _validate_header(h: Llama2cHeader, path) -> None:
 
 
 def read_llama2c_tensors(path) -> tuple[Llama2cHeader, dict[str, torch.Tensor]]:
-    """Header and every array of a model.bin, as float32 tensors (Q8_0 matrices dequantized)."""
+    """Header and every array of a model.bin, as float32 tensors (Q8_0 and Q4_0 matrices dequantized)."""
     h = read_llama2c_header(path)
     data = np.fromfile(path, dtype=np.uint8)
     offset = h.header_bytes
     tensors = {}
     for name, shape, quantizable in h.tensor_layout():
         n = math.prod(shape)
-        if quantizable and h.weight_type == "q8_0":
-            q = torch.from_numpy(data[offset:offset + n].view(np.int8).copy()).reshape(shape)
-            s = torch.from_numpy(data[offset + n:offset + n + n // h.group_size * 4].view("<f4").astype(np.float32))
+        if quantizable and h.weight_type in QUANTIZED:
+            nbytes = n if h.weight_type == "q8_0" else n // 2
+            if h.weight_type == "q8_0":
+                q = torch.from_numpy(data[offset:offset + n].view(np.int8).copy()).reshape(shape)
+            else:
+                q = unpack_q4(data[offset:offset + nbytes], n).reshape(shape)
+            s = torch.from_numpy(data[offset + nbytes:offset + nbytes + n // h.group_size * 4].view("<f4")
+                                 .astype(np.float32))
             tensors[name] = dequantize_q8_0(q, s, h.group_size)
         else:
             tensors[name] = torch.from_numpy(data[offset:offset + 4 * n].view("<f4").astype(np.float32)).reshape(shape)
@@ -497,11 +565,11 @@ def read_llama2c_tensors(path) -> tuple[Llama2cHeader, dict[str, torch.Tensor]]:
 def load_llama2c(path, *, quantized_inputs: bool = False):
     """Read a model.bin (llama2.c version 0, or our extended format) back into a `LlamaLM`.
 
-    Q8_0 weights come back dequantized (float32 values equal to int8 * scale). run.c also quantizes
-    the input of every matrix product to int8 in Q8_0 mode; with `quantized_inputs=True` the model
-    does the same (`quantize_linear_inputs`), and then computes what run.c computes up to float
-    rounding. Without it, it shows the model with int8 weights and float32 activations. (For fp32
-    files the flag changes nothing.) Works for llama2.c's published model files too.
+    Q8_0 and Q4_0 weights come back dequantized (float32 values equal to q * scale). run.c also
+    quantizes the input of every matrix product to int8 in these modes; with `quantized_inputs=True`
+    the model does the same (`quantize_linear_inputs`), and then computes what run.c computes up to
+    float rounding. Without it, it shows the model with quantized weights and float32 activations.
+    (For fp32 files the flag changes nothing.) Works for llama2.c's published model files too.
     """
     from tiny_transformer.model import LlamaConfig, LlamaLM
 
@@ -534,7 +602,7 @@ def load_llama2c(path, *, quantized_inputs: bool = False):
         if not h.shared_classifier:
             model.output.weight.copy_(t["classifier"])
     assert hs == model.layers[0].attention.head_dim
-    if quantized_inputs and h.weight_type == "q8_0":
+    if quantized_inputs and h.weight_type in QUANTIZED:
         quantize_linear_inputs(model, h.group_size)
     return model.eval()
 

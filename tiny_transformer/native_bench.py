@@ -1,6 +1,6 @@
 """How fast is the C engine, and how close to what the machine can do? (`bench native`)
 
-    python -m tiny_transformer bench native            # ~10 s: two model sizes, fp32 and Q8_0
+    python -m tiny_transformer bench native            # ~15 s: two model sizes, fp32, Q8_0 and Q4_0
 
 The benchmark compiles `native/run.c` with the best portable flags (`-O3 -march=native` when the
 compiler accepts it), writes two Llama models with random weights (the 870K model of the C-inference
@@ -14,18 +14,24 @@ once and does one multiply-add per weight, so
 
     FLOPs per token = 2 x (weights used per token) + 4 x dim x (pos + 1) per layer (attention)
 
-and the weights must come through the memory system once per token. When they do not fit in the
-core's cache, memory bandwidth, not arithmetic, limits the speed: the table shows both bounds.
+and the weights must come through the memory system once per token, and with them the keys and
+values of all earlier positions (2 x n_layers x kv_dim x (pos + 1) floats, averaged over the 256
+positions). When these do not fit in the core's cache, memory bandwidth, not arithmetic, limits the
+speed: "bound tok/s" is the read speed measured for a buffer as large as weights plus KV cache,
+divided by the bytes per token, the speed if arithmetic were free. The table shows both bounds.
 
 Q8_0 files hold int8 weights (1 byte plus a 4-byte scale per group of 32: 1.125 bytes per weight
-instead of 4), and run.c multiplies them by int8 activations: it quantizes the input of every
-matrix-vector product and sums products of bytes in int32 (native/README.md, "Q8_0"). With AVX-512
-VNNI one instruction does 64 such multiply-adds where an fp32 multiply-add instruction does 16.
+instead of 4), Q4_0 files 4-bit ones (0.625 bytes per weight), and run.c multiplies them by int8
+activations: it quantizes the input of every matrix-vector product and sums products of bytes in
+int32 (native/README.md, "Q8_0"). With AVX-512 VNNI one instruction does 64 such multiply-adds where
+an fp32 multiply-add instruction does 16.
 The table still counts 2 FLOPs per multiply-add and compares with the fp32 peak: "% of peak" says
 how much of the core's fp32 multiply-add capability the same work would take, and a Q8_0 kernel in
 cache can go past 100 %.
 Times are processor time (CPU seconds) so other programs on a shared machine distort them less;
-wall-clock tok/s, what run.c prints, is listed beside them.
+wall-clock tok/s, what run.c prints, is listed beside them. The generated text goes to /dev/null:
+run.c writes and flushes every token, and into a pipe read by Python each write also wakes the
+reader, which cost ~10% of the 6.1M model's processor time on the build machine.
 
 `compile_c` (used by the tests too) builds a C program once per source, compiler and flags, into
 `native/build/` (or $TINY_TRANSFORMER_CACHE) under a name that contains a hash of all three.
@@ -198,6 +204,18 @@ def measure_peak(flags, sizes=()) -> dict:
     return out
 
 
+def kv_bytes_per_token(cfg: dict, positions: int) -> float:
+    """Bytes of cached keys and values one token reads, averaged over positions 0..positions-1:
+    at position pos every layer reads the fp32 keys and values of positions 0..pos."""
+    kv_dim = cfg["dim"] // cfg["n_heads"] * cfg["n_kv_heads"]
+    return cfg["n_layers"] * 2 * kv_dim * 4 * (positions + 1) / 2
+
+
+def kv_cache_bytes(cfg: dict) -> int:
+    """The whole KV cache: keys and values of every layer and position, fp32."""
+    return cfg["n_layers"] * cfg["max_seq_len"] * cfg["dim"] // cfg["n_heads"] * cfg["n_kv_heads"] * 2 * 4
+
+
 def layer_shapes(cfg: dict) -> list[tuple[int, int, int]]:
     """(columns n, rows d, how many) of the matrices one token multiplies with."""
     dim, hidden, L = cfg["dim"], cfg["hidden_dim"], cfg["n_layers"]
@@ -206,7 +224,7 @@ def layer_shapes(cfg: dict) -> list[tuple[int, int, int]]:
 
 
 def measure_kernels(flags, cfg: dict) -> dict:
-    """GFLOP/s of run.c's fp32 and Q8_0 matrix-vector kernels on this model's matrix shapes, each
+    """GFLOP/s of run.c's fp32, Q8_0 and Q4_0 matrix-vector kernels on this model's matrix shapes, each
     matrix repeated so it stays in cache (`native/bench/kernels.c`); FLOP-weighted over the shapes."""
     exe = compile_c(native_dir() / "bench" / "kernels.c", "kernels", list(flags), depends=[native_dir() / "run.c"])
     shapes = layer_shapes(cfg)
@@ -214,10 +232,10 @@ def measure_kernels(flags, cfg: dict) -> dict:
     proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, check=True)
     rates = {}
     for line in proc.stdout.splitlines():
-        _, n, d, f32, q8 = line.split()
-        rates[(int(n), int(d))] = (float(f32), float(q8))
+        _, n, d, *speeds = line.split()
+        rates[(int(n), int(d))] = tuple(map(float, speeds))
     out = {}
-    for i, name in enumerate(("fp32", "q8_0")):
+    for i, name in enumerate(("fp32", "q8_0", "q4_0")):
         flops = sum(2 * n * d * k for n, d, k in shapes)
         seconds = sum(2 * n * d * k / rates[(n, d)][i] for n, d, k in shapes)
         out[name] = flops / seconds
@@ -225,12 +243,13 @@ def measure_kernels(flags, cfg: dict) -> dict:
 
 
 def time_generation(exe, model_path, tokenizer_path, steps: int = 256, repeats: int = 5) -> dict:
-    """Run `run model -n steps -t 0 -v 1` `repeats` times; best wall and CPU tok/s, tokens made."""
+    """Run `run model -n steps -t 0 -v 1` `repeats` times; best wall and CPU tok/s, tokens made.
+    The text (stdout) is discarded; the speeds and token ids come from stderr."""
     best_wall = best_cpu = 0.0
     generated = None
     for _ in range(repeats):
         proc = subprocess.run([str(exe), str(model_path), "-z", str(tokenizer_path), "-n", str(steps), "-t", "0",
-                               "-v", "1"], capture_output=True, text=True, timeout=600)
+                               "-v", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"run.c failed: {proc.stderr.strip()}")
         wall = float(re.search(r"achieved tok/s: ([0-9.]+)", proc.stderr).group(1))
@@ -251,7 +270,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_benchmark(models=("870K", "6.1M"), quantizations=(None, "q8_0"), repeats: int = 5, flags=None,
+def run_benchmark(models=("870K", "6.1M"), quantizations=(None, "q8_0", "q4_0"), repeats: int = 5, flags=None,
                   workdir=None, verbose: bool = True) -> list[dict]:
     """Measure every model x quantization; print a table (if verbose) and return its rows."""
     from tiny_transformer.export import export_llama2c
@@ -269,7 +288,10 @@ def run_benchmark(models=("870K", "6.1M"), quantizations=(None, "q8_0"), repeats
                 path = tmp / f"{name}-{quant or 'fp32'}.bin"
                 header = export_llama2c(model, path, quantize=quant, group_size=32)
                 files.append((name, quant, path, header))
-        sizes = sorted({h.file_size for *_, h in files})
+        def working_set(name, header):  # weights plus the whole KV cache
+            return header.file_size + kv_cache_bytes(BENCH_CONFIGS[name])
+
+        sizes = sorted({working_set(name, h) for name, _, _, h in files})
         peak = measure_peak(flags, sizes)
         kernels = {name: measure_kernels(flags, BENCH_CONFIGS[name]) for name in models}
         say(f"native inference benchmark: one thread, run.c built with `{find_cc()} {' '.join(flags)}`")
@@ -278,13 +300,14 @@ def run_benchmark(models=("870K", "6.1M"), quantizations=(None, "q8_0"), repeats
             f"{peak['fma_gflops']:.1f} GFLOP/s")
         say("FLOPs per token = 2 x weights used per token + 4 x dim x (pos + 1) per layer (attention), "
             "averaged over the 256 positions")
-        say("bandwidth bound = (memory read speed for the file's size) / (weight bytes per token): "
-            "the speed if arithmetic were free")
+        say("bandwidth bound = (memory read speed for a buffer of the weights' and KV cache's size) / (weight "
+            "bytes + KV-cache bytes read per token): the speed if arithmetic were free")
         say("kernel = run.c's matrix-vector products alone, on the model's matrix shapes kept in cache: "
             "the speed if memory were free")
         say("")
-        header_line = (f"{'model':<6} {'weights':<6} {'MB':>6} {'tok/s cpu':>10} {'tok/s wall':>10} {'GFLOP/s':>8} "
-                       f"{'% peak':>7} {'read GB/s':>9} {'bound tok/s':>11} {'% bound':>7} {'kernel GFLOP/s':>14}")
+        header_line = (f"{'model':<6} {'weights':<6} {'MB':>6} {'MB/tok':>6} {'tok/s cpu':>10} {'tok/s wall':>10} "
+                       f"{'GFLOP/s':>8} {'% peak':>7} {'read GB/s':>9} {'bound tok/s':>11} {'% bound':>7} "
+                       f"{'kernel GFLOP/s':>14}")
         say(header_line)
         rows = []
         for name, quant, path, header in files:
@@ -292,11 +315,13 @@ def run_benchmark(models=("870K", "6.1M"), quantizations=(None, "q8_0"), repeats
             timing = time_generation(exe, path, tok, 256, repeats)
             flops = flops_per_token(cfg, 256)
             gflops = timing["cpu_tok_s"] * flops / 1e9
-            bytes_per_token = header.file_size  # every weight is read once per token
-            read = peak["read_gbps"][header.file_size]
+            # every weight is read once per token, and the cached keys and values of earlier positions
+            bytes_per_token = header.file_size + kv_bytes_per_token(cfg, 256)
+            read = peak["read_gbps"][working_set(name, header)]
             bound = read * 1e9 / bytes_per_token
             row = {
                 "model": name, "weights": quant or "fp32", "file_mb": header.file_size / 1e6,
+                "mb_per_token": bytes_per_token / 1e6,
                 "params": weights_per_token(cfg), "flops_per_token": flops, **timing, "gflops": gflops,
                 "percent_of_peak": 100.0 * gflops / peak["fma_gflops"], "read_gbps": read,
                 "bandwidth_bound_tok_s": bound, "percent_of_bound": 100.0 * timing["cpu_tok_s"] / bound,
@@ -305,7 +330,7 @@ def run_benchmark(models=("870K", "6.1M"), quantizations=(None, "q8_0"), repeats
                 "kernel_percent_of_peak": 100.0 * kernels[name][quant or "fp32"] / peak["fma_gflops"],
             }
             rows.append(row)
-            say(f"{name:<6} {row['weights']:<6} {row['file_mb']:>6.2f} {row['cpu_tok_s']:>10.0f} "
+            say(f"{name:<6} {row['weights']:<6} {row['file_mb']:>6.2f} {row['mb_per_token']:>6.2f} {row['cpu_tok_s']:>10.0f} "
                 f"{row['wall_tok_s']:>10.0f} {gflops:>8.1f} {row['percent_of_peak']:>6.1f}% {read:>9.1f} "
                 f"{bound:>11.0f} {row['percent_of_bound']:>6.0f}% "
                 f"{row['kernel_gflops']:>7.1f} ({row['kernel_percent_of_peak']:>4.1f}%)")
@@ -328,8 +353,8 @@ def run_benchmark(models=("870K", "6.1M"), quantizations=(None, "q8_0"), repeats
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(BENCH_CONFIGS), default=["870K", "6.1M"],
                         help="model sizes to run (default: both)")
-    parser.add_argument("--weights", nargs="+", choices=["fp32", "q8_0"], default=["fp32", "q8_0"],
-                        help="weight formats to run (default: both)")
+    parser.add_argument("--weights", nargs="+", choices=["fp32", "q8_0", "q4_0"], default=["fp32", "q8_0", "q4_0"],
+                        help="weight formats to run (default: all three)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per model; the best counts (default 5)")
     parser.add_argument("--flags", default=None,
                         help="compiler flags instead of the automatic choice, e.g. \"-O3\" for the portable build")

@@ -10,7 +10,7 @@
  *
  * The driver includes run.c itself (library mode), so every case runs in-process, without
  * fork/exec: thousands of cases per second. It builds a few small, valid seed inputs (llama2.c
- * version-0 and extended model files, fp32 and Q8_0, tokenizers with and without byte fallback),
+ * version-0 and extended model files, fp32, Q8_0 and Q4_0, tokenizers with and without byte fallback),
  * then each case mutates some of them -- bit flips, byte overwrites, header fields set to edge
  * values, truncation, extension, chunk deletion, NaN/Inf weights, tokenizer length and score
  * edits -- and runs everything the C API offers on the result: open, config, forward, encode,
@@ -83,22 +83,23 @@ static void copy_buf(Buf *dst, const Buf *src) {
 
 enum { DIM = 16, HIDDEN = 24, LAYERS = 2, HEADS = 4, KV_HEADS = 2, VOCAB = 300, SEQ = 16 };
 
-/* A matrix of n weights: fp32, or Q8_0 (int8 values then one scale per group). */
-static void put_matrix(Buf *b, size_t n, int q8, int gs) {
-    if (!q8) {
+/* A matrix of n weights: fp32, Q8_0 (int8 values then one scale per group) or Q4_0 (two 4-bit
+ * values per byte, then one scale per group). */
+static void put_matrix(Buf *b, size_t n, int type, int gs) {
+    if (type == WT_F32) {
         put_floats(b, n, 0.5f);
         return;
     }
-    for (size_t i = 0; i < n; i++) {
-        int8_t v = (int8_t)((int)below(255) - 127);
+    for (size_t i = 0; i < (type == WT_Q4 ? n / 2 : n); i++) {
+        unsigned char v = type == WT_Q4 ? (unsigned char)below(256) : (unsigned char)(int8_t)((int)below(255) - 127);
         put(b, &v, 1);
     }
-    for (size_t g = 0; g < n / (size_t)gs; g++) put_f32(b, 0.01f);
+    for (size_t g = 0; g < n / (size_t)gs; g++) put_f32(b, type == WT_Q4 ? -0.1f : 0.01f);
 }
 
-/* gs: Q8_0 group size, 0 for fp32 weights */
-static void make_model(Buf *b, int ext, int tied, int qk_norm, int gs, int head_rows) {
-    const int hs = DIM / HEADS, kv_dim = KV_HEADS * hs, q8 = gs > 0;
+/* type: WT_F32, WT_Q8 or WT_Q4; gs: the group size of Q8_0 and Q4_0 */
+static void make_model(Buf *b, int ext, int tied, int qk_norm, int type, int gs, int head_rows) {
+    const int hs = DIM / HEADS, kv_dim = KV_HEADS * hs;
     b->len = 0;
     if (!ext) {
         int32_t header[7] = {DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, tied ? VOCAB : -VOCAB, SEQ};
@@ -110,28 +111,28 @@ static void make_model(Buf *b, int ext, int tied, int qk_norm, int gs, int head_
         put(b, dims, sizeof(dims));
         put_i32(b, tied ? VOCAB : head_rows);
         put_i32(b, (tied ? FLAG_SHARED_CLASSIFIER : 0) | (qk_norm ? FLAG_QK_NORM : 0));
-        put_i32(b, q8 ? WT_Q8 : WT_F32);
-        put_i32(b, q8 ? gs : 0);
+        put_i32(b, type);
+        put_i32(b, type == WT_F32 ? 0 : gs);
         put_f32(b, 1e-6f);
         put_f64(b, 500.0);
         put_f32(b, qk_norm ? 30.0f : 0.0f);
         put_i32(b, qk_norm ? 5 : 0);
         while (b->len < EXT_HEADER_BYTES) put(b, "", 1);
     }
-    put_matrix(b, (size_t)VOCAB * DIM, q8, gs);
+    put_matrix(b, (size_t)VOCAB * DIM, type, gs);
     put_ones(b, (size_t)LAYERS * DIM);
-    put_matrix(b, (size_t)LAYERS * DIM * DIM, q8, gs);
-    put_matrix(b, (size_t)LAYERS * kv_dim * DIM, q8, gs);
-    put_matrix(b, (size_t)LAYERS * kv_dim * DIM, q8, gs);
+    put_matrix(b, (size_t)LAYERS * DIM * DIM, type, gs);
+    put_matrix(b, (size_t)LAYERS * kv_dim * DIM, type, gs);
+    put_matrix(b, (size_t)LAYERS * kv_dim * DIM, type, gs);
     if (ext && qk_norm) put_ones(b, (size_t)2 * LAYERS * hs);
-    put_matrix(b, (size_t)LAYERS * DIM * DIM, q8, gs);
+    put_matrix(b, (size_t)LAYERS * DIM * DIM, type, gs);
     put_ones(b, (size_t)LAYERS * DIM);
-    put_matrix(b, (size_t)LAYERS * HIDDEN * DIM, q8, gs);
-    put_matrix(b, (size_t)LAYERS * DIM * HIDDEN, q8, gs);
-    put_matrix(b, (size_t)LAYERS * HIDDEN * DIM, q8, gs);
+    put_matrix(b, (size_t)LAYERS * HIDDEN * DIM, type, gs);
+    put_matrix(b, (size_t)LAYERS * DIM * HIDDEN, type, gs);
+    put_matrix(b, (size_t)LAYERS * HIDDEN * DIM, type, gs);
     put_ones(b, DIM);
     if (!ext) put_floats(b, (size_t)SEQ * hs, 1.0f); /* freq_cis, unused */
-    if (!tied) put_matrix(b, (size_t)(ext ? head_rows : VOCAB) * DIM, q8, gs);
+    if (!tied) put_matrix(b, (size_t)(ext ? head_rows : VOCAB) * DIM, type, gs);
 }
 
 static void put_piece(Buf *b, float score, const char *s, int len) {
@@ -360,16 +361,17 @@ int main(int argc, char **argv) {
     }
     max_state_bytes = 8u << 20; /* keep mutated seq_len values from allocating gigabytes */
 
-    enum { N_MODELS = 6, N_TOKS = 2 };
+    enum { N_MODELS = 7, N_TOKS = 2 };
     Buf models[N_MODELS] = {{0}}, toks[N_TOKS] = {{0}};
     int header_bytes[N_MODELS] = {V0_HEADER_BYTES, V0_HEADER_BYTES, EXT_HEADER_BYTES, EXT_HEADER_BYTES,
-                                  EXT_HEADER_BYTES, EXT_HEADER_BYTES};
-    make_model(&models[0], 0, 1, 0, 0, VOCAB);   /* llama2.c v0, tied */
-    make_model(&models[1], 0, 0, 0, 0, VOCAB);   /* llama2.c v0, untied */
-    make_model(&models[2], 1, 0, 1, 0, 320);     /* ext fp32: QK-norm, softcap, window, padded head */
-    make_model(&models[3], 1, 1, 0, 4, VOCAB);   /* ext Q8_0 (group size 4), tied */
-    make_model(&models[4], 1, 0, 1, 8, 384);     /* ext Q8_0 (group size 8), everything */
-    make_model(&models[5], 1, 1, 0, 0, VOCAB);   /* ext fp32, tied */
+                                  EXT_HEADER_BYTES, EXT_HEADER_BYTES, EXT_HEADER_BYTES};
+    make_model(&models[0], 0, 1, 0, WT_F32, 0, VOCAB); /* llama2.c v0, tied */
+    make_model(&models[1], 0, 0, 0, WT_F32, 0, VOCAB); /* llama2.c v0, untied */
+    make_model(&models[2], 1, 0, 1, WT_F32, 0, 320);   /* ext fp32: QK-norm, softcap, window, padded head */
+    make_model(&models[3], 1, 1, 0, WT_Q8, 4, VOCAB);  /* ext Q8_0 (group size 4), tied */
+    make_model(&models[4], 1, 0, 1, WT_Q8, 8, 384);    /* ext Q8_0 (group size 8), everything */
+    make_model(&models[5], 1, 1, 0, WT_F32, 0, VOCAB); /* ext fp32, tied */
+    make_model(&models[6], 1, 0, 1, WT_Q4, 8, 320);    /* ext Q4_0 (group size 8), everything */
     make_tokenizer(&toks[0], 1);
     make_tokenizer(&toks[1], 0);
 

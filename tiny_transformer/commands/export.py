@@ -3,6 +3,7 @@
     python -m tiny_transformer export --checkpoint checkpoints/NAME/best.pt --format llama2c --out model.bin \\
         --tokenizer-out tokenizer.bin            # for native/run.c
     python -m tiny_transformer export --checkpoint best.pt --format llama2c --quantize q8_0 --out model_q8.bin
+    python -m tiny_transformer export --checkpoint best.pt --format llama2c --quantize q4_0 --out model_q4.bin
     python -m tiny_transformer export --checkpoint best.pt --format tokenizer --out tokenizer.bin
     python -m tiny_transformer export --checkpoint best.pt --format production --out model.pt [--dtype float16]
 """
@@ -21,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="llama2c: model.bin for native/run.c (default); tokenizer: llama2.c tokenizer.bin; "
                              "production: inference-only checkpoint")
     parser.add_argument("--out", required=True, help="output file")
-    parser.add_argument("--quantize", choices=["q8_0"], default=None,
-                        help="llama2c: int8 weights (Q8_0, extended format; about 4x smaller)")
+    parser.add_argument("--quantize", choices=["q8_0", "q4_0"], default=None,
+                        help="llama2c: int8 weights (q8_0, about 3.6x smaller) or 4-bit weights (q4_0, about 6.4x "
+                             "smaller), extended format; run.c multiplies them by int8 activations")
     parser.add_argument("--group-size", type=int, default=64,
                         help="llama2c with --quantize: weights per scale (default 64; halved until it fits)")
     parser.add_argument("--version", choices=["auto", "0", "ext"], default="auto",
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path} ({path.stat().st_size} bytes)")
         return 0
     if args.quantize is None and args.group_size != 64:
-        raise ValueError("--group-size only applies with --quantize q8_0")
+        raise ValueError("--group-size only applies with --quantize q8_0 or q4_0")
     if args.tokenizer_out and Path(args.tokenizer_out).resolve() == out.resolve():
         raise ValueError("--tokenizer-out must differ from --out")
     version = {"auto": "auto", "0": 0, "ext": "ext"}[args.version]
