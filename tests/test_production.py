@@ -178,3 +178,49 @@ def test_fit_to_vocabulary_replaces_and_reports():
     # A letter in the other case is used when only that case is known.
     lower = CharTokenizer("abc ")
     assert finetune.fit_to_vocabulary("Abc", lower)[0] == "abc"
+
+
+
+
+def _trained_checkpoint(tmp_path):
+    """A real checkpoint as `train` writes it: a tiny GPT after two steps."""
+    from tiny_transformer.training import Trainer, TrainerConfig
+
+    text = "to be or not to be, that is the question\n" * 40
+    tok = CharTokenizer().fit(text)
+    ids = torch.tensor(tok.encode(text))
+    model = gpt(vocab_size=tok.vocab_size)
+    cfg = TrainerConfig(max_steps=2, warmup_steps=1, batch_size=2, seq_len=16, eval_interval=2, eval_batches=1, progress=False,
+                        verbose=False, experiment_name="ts", log_dir=str(tmp_path / "logs"),
+                        checkpoint_dir=str(tmp_path / "ckpt"), device="cpu")
+    Trainer(model, cfg, ids[:1000], ids[1000:], tokenizer=tok).train()
+    return tmp_path / "ckpt" / "ts" / "best.pt"
+
+
+def test_export_command_torchscript_runs_without_the_library(tmp_path, capsys):
+    from tiny_transformer.checkpoint import load_model_from_checkpoint
+    from tiny_transformer.cli import main as cli_main
+
+    ckpt = _trained_checkpoint(tmp_path)
+    out = tmp_path / "model.ts"
+    assert cli_main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(out)]) == 0
+    assert "max |difference| from the model" in capsys.readouterr().out
+    model, _, _ = load_model_from_checkpoint(ckpt)
+    idx = torch.randint(0, model.vocab_size, (3, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(production.load_torchscript(out)(idx), model(idx)[0], atol=1e-5, rtol=1e-5)
+    # options of other formats are refused, not ignored
+    assert cli_main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(out),
+                     "--quantize", "q8_0"]) == 1
+    assert "do not apply to --format torchscript" in capsys.readouterr().err
+
+
+def test_export_command_onnx_names_the_install_when_missing(tmp_path, capsys, monkeypatch):
+    from tiny_transformer.cli import main as cli_main
+
+    ckpt = _trained_checkpoint(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("onnx", "onnxruntime") else real(name, *a))
+    assert cli_main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 1
+    assert "pip install onnx onnxruntime" in capsys.readouterr().err

@@ -6,6 +6,8 @@
     python -m tiny_transformer export --checkpoint best.pt --format llama2c --quantize q4_0 --out model_q4.bin
     python -m tiny_transformer export --checkpoint best.pt --format tokenizer --out tokenizer.bin
     python -m tiny_transformer export --checkpoint best.pt --format production --out model.pt [--dtype float16]
+    python -m tiny_transformer export --checkpoint best.pt --format torchscript --out model.ts   # ids -> logits
+    python -m tiny_transformer export --checkpoint best.pt --format onnx --out model.onnx       # needs onnx, onnxruntime
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-FORMATS = ("llama2c", "tokenizer", "production")
+FORMATS = ("llama2c", "tokenizer", "production", "torchscript", "onnx")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint file (.pt) written by `train`")
     parser.add_argument("--format", choices=FORMATS, default="llama2c",
                         help="llama2c: model.bin for native/run.c (default); tokenizer: llama2.c tokenizer.bin; "
-                             "production: inference-only checkpoint")
+                             "production: inference-only checkpoint; torchscript / onnx: a graph mapping token ids "
+                             "to logits, checked against the model after writing")
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument("--quantize", choices=["q8_0", "q4_0"], default=None,
                         help="llama2c: int8 weights (q8_0, about 3.6x smaller) or 4-bit weights (q4_0, about 6.4x "
@@ -48,6 +51,26 @@ def _write_tokenizer(tokenizer: dict | None, out: Path, source: str) -> Path:
     return export_tokenizer_bin(tokenizer_from_dict(tokenizer), out)
 
 
+def _export_graph(args: argparse.Namespace, out: Path) -> int:
+    """TorchScript or ONNX: a graph of the model (ids -> logits) that runs without our library."""
+    if args.quantize or args.tokenizer_out or args.dtype:
+        raise ValueError(f"--quantize, --tokenizer-out and --dtype do not apply to --format {args.format}")
+    from tiny_transformer import production
+    from tiny_transformer.checkpoint import load_model_from_checkpoint
+
+    model, _, _ = load_model_from_checkpoint(args.checkpoint)
+    if args.format == "torchscript":
+        info = production.export_torchscript(model, out)
+        loader = "torch.jit.load"
+    else:
+        info = production.export_onnx(model, out)  # names the pip command when onnx is missing
+        loader = "onnxruntime.InferenceSession"
+    print(f"wrote {out}: {info['bytes'] / 1e6:.2f} MB, {args.format}; checked on a batch of shape "
+          f"{tuple(info['check_shape'])}: max |difference| from the model {info['max_abs_diff']:.1e}")
+    print(f"load it with {loader}({str(out)!r}); input: token ids (batch, time), output: logits")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.format == "production":
@@ -57,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out}: {info['production_bytes'] / 1e6:.2f} MB "
               f"({info['reduction']:.1f}x smaller than the training checkpoint)")
         return 0
+    if args.format in ("torchscript", "onnx"):
+        return _export_graph(args, out)
 
     from tiny_transformer.export import export_llama2c, model_from_checkpoint
 
