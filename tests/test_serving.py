@@ -227,6 +227,41 @@ def test_http_generate_health_and_validation(model_and_tokenizer):
 # CLI
 
 
+def test_server_close_waits_briefly_for_handlers_and_stays_quiet_about_hangups(model_and_tokenizer, capsys):
+    import socket
+
+    from tiny_transformer.serving import make_http_server
+
+    with make_server(model_and_tokenizer) as server:
+        httpd = make_http_server(server, "127.0.0.1", 0)
+        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        idle = socket.create_connection(httpd.server_address[:2])  # a client that never sends a request
+        deadline = time.time() + 5
+        while not list(httpd._handler_threads) and time.time() < deadline:
+            time.sleep(0.01)
+        assert len(list(httpd._handler_threads)) == 1
+        httpd.shutdown()
+        t0 = time.perf_counter()
+        httpd.server_close(wait=0.3)  # the idle client holds its handler: the wait is bounded
+        assert time.perf_counter() - t0 < 2.0
+        idle.close()
+        for handler in list(httpd._handler_threads):
+            handler.join(5)
+        assert not any(t.is_alive() for t in httpd._handler_threads)
+        try:
+            raise ConnectionResetError("peer hung up")
+        except ConnectionResetError:
+            httpd.handle_error(None, ("127.0.0.1", 1))
+        assert capsys.readouterr().err == ""
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            httpd.handle_error(None, ("127.0.0.1", 1))
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "ValueError('boom')" in err
+
+
 def write_checkpoint(path: Path, model, tok) -> Path:
     return save_checkpoint({
         "format": FORMAT, "version": VERSION, "kind": "production", "model": model.state_dict(),
@@ -259,7 +294,8 @@ def test_cli_serve_answers_and_stops_cleanly_on_ctrl_c(tmp_path, model_and_token
         status, reply = post_json(url + "/generate", {"prompt": "ROMEO:", "max_new_tokens": 31})
         assert status == 400 and "limit of 30" in reply["error"]
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        code = proc.wait(timeout=30)
+        assert code == 0, f"exit code {code}; stderr:\n{proc.stderr.read()[-3000:]}"
     finally:
         if proc.poll() is None:
             proc.kill()

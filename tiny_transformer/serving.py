@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, fields
@@ -453,6 +455,7 @@ class GenerationHTTPServer(ThreadingHTTPServer):
     def __init__(self, batch_server: BatchGenerationServer, host: str = "127.0.0.1", port: int = 8000,
                  verbose: bool = False):
         self.batch_server, self.verbose = batch_server, verbose
+        self._handler_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         model = batch_server.model
         self.model_info = {"type": type(model).__name__, "parameters": model.num_parameters(),
                            "vocab_size": model.vocab_size, "max_seq_len": model.max_seq_len}
@@ -466,6 +469,35 @@ class GenerationHTTPServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
+
+    def process_request(self, request, client_address) -> None:
+        """One daemon thread per connection, as ThreadingHTTPServer does, remembered (weakly) so
+        that `server_close` can wait for the ones still finishing a response."""
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name="generation-http-client", daemon=True)
+        self._handler_threads.add(thread)
+        thread.start()
+
+    def server_close(self, wait: float = 2.0) -> None:
+        """Close the listening socket, then give handler threads that are still finishing a response
+        up to `wait` seconds in all. Handler threads are daemons (a stuck client cannot keep the
+        program alive), and a daemon thread still writing when the interpreter shuts down can abort
+        the process; waiting here makes a Ctrl-C exit clean."""
+        super().server_close()
+        deadline = time.monotonic() + wait
+        for thread in list(getattr(self, "_handler_threads", ())):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up or times out is normal for a server: stay quiet about it (unless
+        verbose); report anything else in one line instead of a traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)) and not self.verbose:
+            return
+        if self.verbose:
+            super().handle_error(request, client_address)
+        else:
+            print(f"error while serving {client_address[0]}: {exc!r}", file=sys.stderr, flush=True)
 
 
 def make_http_server(batch_server: BatchGenerationServer, host: str = "127.0.0.1", port: int = 8000,
