@@ -98,29 +98,23 @@ def run_quality(cfg: dict, budget: float | None, tokenizer, train_ids, val_ids, 
     recipe whose schedule is counted in steps (it sets max_steps, not schedule_by_time) keeps its
     own schedule and stops after `steps`, as the time budget would have stopped it.
     """
-    cfg = copy.deepcopy(cfg)
-    cfg["model"]["vocab_size"] = tokenizer.vocab_size
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    training = dict(cfg.get("training") or {})
-    run_steps = None
+    own = cfg.get("training") or {}
+    changes, run_steps = {}, None
     if steps is not None:
-        if not matched or training.get("schedule_by_time") or "max_steps" not in training:
+        if not matched or own.get("schedule_by_time") or "max_steps" not in own:
             # the schedule follows the budget: it spans exactly the steps we train
-            training.update(max_steps=steps, schedule_by_time=False)
-            training["warmup_steps"] = min(training.get("warmup_steps", 100), steps)
+            changes.update(max_steps=steps, schedule_by_time=False,
+                           warmup_steps=min(own.get("warmup_steps", 100), steps))
         else:
             # a recipe with its own step schedule (e.g. cosine over 2000 steps) keeps it, and stops
             # early if the budget ends first, as a time-limited run would
-            run_steps = min(steps, training["max_steps"])
-        training["max_time"] = None
+            run_steps = min(steps, own["max_steps"])
+        changes["max_time"] = None
     else:
-        training["max_time"] = budget
-    training.update(seed=seed, device="cpu", experiment_name="bench", save_checkpoints=False,
-                    progress=False, verbose=verbose, log_dir=str(_scratch() / "logs"),
-                    checkpoint_dir=str(_scratch() / "checkpoints"))
-    # No validation data inside the budget: the trainer spends every second on training steps.
-    trainer = Trainer(model, TrainerConfig.from_dict(training), train_ids, None, tokenizer=tokenizer)
+        changes["max_time"] = budget
+    trainer = _bench_trainer(cfg, tokenizer.vocab_size, train_ids, seed, tokenizer=tokenizer, verbose=verbose,
+                             **changes)
+    model = trainer.raw_model
     summary = trainer.train(steps=run_steps)
     seq_len = trainer.seq_len
     result = evaluate_loss(model, val_ids, seq_len, batch_size=64)
@@ -140,23 +134,32 @@ def run_quality(cfg: dict, budget: float | None, tokenizer, train_ids, val_ids, 
 
 def time_steps(cfg: dict, vocab_size: int, train_ids, steps: int = 8, warmup: int = 3, seed: int = 1337) -> float:
     """Seconds per training step of `cfg` (median of `steps` timed steps after `warmup` untimed ones)."""
-    cfg = copy.deepcopy(cfg)
-    cfg["model"]["vocab_size"] = vocab_size
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    training = dict(cfg.get("training") or {})
-    training.update(max_steps=warmup + steps, max_time=None, schedule_by_time=False, seed=seed, device="cpu",
-                    experiment_name="bench", save_checkpoints=False, progress=False, verbose=False,
-                    log_dir=str(_scratch() / "logs"), checkpoint_dir=str(_scratch() / "checkpoints"))
-    training["warmup_steps"] = min(training.get("warmup_steps", 100), warmup + steps)
-    trainer = Trainer(model, TrainerConfig.from_dict(training), train_ids, None)
+    total = warmup + steps
+    own = cfg.get("training") or {}
+    trainer = _bench_trainer(cfg, vocab_size, train_ids, seed, max_steps=total, max_time=None, schedule_by_time=False,
+                             warmup_steps=min(own.get("warmup_steps", 100), total))
     times = []
-    for i in range(warmup + steps):
+    for i in range(total):
         t0 = time.perf_counter()
         trainer.train_step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def _bench_trainer(cfg: dict, vocab_size: int, train_ids, seed: int, tokenizer=None, verbose: bool = False,
+                   **training_changes) -> Trainer:
+    """A fresh model of `cfg` (seeded) and a Trainer for it with the recipe's training settings plus
+    `training_changes`, on the CPU, without checkpoints, progress bar or validation data (the
+    budget goes to training steps only)."""
+    cfg = copy.deepcopy(cfg)
+    cfg["model"]["vocab_size"] = vocab_size
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    training = {**(cfg.get("training") or {}), **training_changes}
+    training.update(seed=seed, device="cpu", experiment_name="bench", save_checkpoints=False, progress=False,
+                    verbose=verbose, log_dir=str(_scratch() / "logs"), checkpoint_dir=str(_scratch() / "checkpoints"))
+    return Trainer(model, TrainerConfig.from_dict(training), train_ids, None, tokenizer=tokenizer)
 
 
 def _scratch() -> Path:
