@@ -471,10 +471,10 @@ class GenerationHTTPServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def process_request(self, request, client_address) -> None:
-        """One daemon thread per connection, as ThreadingHTTPServer does, remembered (weakly) so
-        that `server_close` can wait for the ones still finishing a response."""
+        """One thread per connection (a daemon, see `daemon_threads`), as ThreadingHTTPServer does,
+        remembered (weakly) so that `server_close` can wait for the ones still finishing a response."""
         thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                                  name="generation-http-client", daemon=True)
+                                  name="generation-http-client", daemon=self.daemon_threads)
         self._handler_threads.add(thread)
         thread.start()
 
