@@ -78,6 +78,7 @@ FLAG_SHARED_CLASSIFIER = 1
 FLAG_QK_NORM = 2
 WEIGHT_TYPES = {"fp32": 0, "q8_0": 1, "q4_0": 2}
 QUANTIZED = ("q8_0", "q4_0")
+GROUP_STEP = {"q8_0": 4, "q4_0": 8}  # run.c reads 4 columns at a time; Q4_0 packs two per byte: 8
 MAX_GROUP = 1024  # run.c's limit on the group size
 V0_NORM_EPS = 1e-5
 V0_ROPE_THETA = 10000.0
@@ -281,7 +282,7 @@ def _auto_group_size(requested: int, dim: int, hidden_dim: int, quantize: str = 
     """The requested group size, halved until it divides dim and hidden_dim (rows are split into
     whole groups). run.c's kernels take 4 columns at a time (Q8_0) or 8 (Q4_0: two per byte), so it
     must stay a multiple of that, and at most 1024."""
-    step = 8 if quantize == "q4_0" else 4
+    step = GROUP_STEP[quantize]
     if requested < step or requested % step or requested > MAX_GROUP:
         raise ValueError(f"group_size for {quantize} must be a multiple of {step} in {step}..{MAX_GROUP} "
                          f"(e.g. 32 or 64), got {requested}")
@@ -527,7 +528,7 @@ def _validate_header(h: Llama2cHeader, path) -> None:
         bad(f"the head size {h.head_size} must be even")
     if not h.vocab_size <= h.head_rows <= _LIMITS["vocab_size"] or (h.shared_classifier and h.head_rows != h.vocab_size):
         bad(f"head_rows = {h.head_rows} does not fit vocab_size = {h.vocab_size}")
-    step = {"q8_0": 4, "q4_0": 8}.get(h.weight_type)
+    step = GROUP_STEP.get(h.weight_type)
     if step and (not step <= h.group_size <= MAX_GROUP or h.group_size % step or h.dim % h.group_size
                  or h.hidden_dim % h.group_size):
         bad(f"{h.weight_type} group_size = {h.group_size} must be a multiple of {step} in {step}..{MAX_GROUP} "
